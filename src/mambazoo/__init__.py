@@ -1,1 +1,15 @@
-"""mambazoo."""
+"""mambazoo: Mamba-family vision backbones behind one API, on a pure-PyTorch selective scan.
+
+    import mambazoo
+    model = mambazoo.create_model('mambavision_tiny', checkpoint_path='mambavision_tiny_1k.pth.tar')
+"""
+from .models import (CheckpointError, CheckpointMismatchError, create_model, is_model, list_models,
+                     load_checkpoint, read_checkpoint)
+from .ops import selective_scan
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'create_model', 'list_models', 'is_model', 'load_checkpoint', 'read_checkpoint', 'selective_scan',
+    'CheckpointError', 'CheckpointMismatchError', '__version__',
+]
