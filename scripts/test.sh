@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up from nothing and run the whole test suite (this is what CI runs, through .ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1  # tests never download anything
+exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,115 @@
+"""``mambazoo <command>``: a thin command-line layer over the library.
+
+Commands:
+    predict IMAGE... --model NAME [--checkpoint PATH] [--json]   top-k classes per image
+    list [PATTERN]                                                registered model names
+    random-checkpoint --model NAME --out PATH                     save randomly initialised weights
+"""
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+__all__ = ['main']
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import mambazoo
+    for name in mambazoo.list_models(args.pattern, include_aliases=args.aliases):
+        print(name)
+    return 0
+
+
+def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
+    import torch
+    import mambazoo
+    torch.manual_seed(args.seed)
+    model = mambazoo.create_model(args.model, num_classes=args.num_classes)
+    # The official release layout: weights under 'state_dict'.
+    torch.save({'state_dict': model.state_dict(), 'arch': args.model}, args.out)
+    print(f'wrote randomly initialised {args.model} weights (seed {args.seed}) to {args.out}')
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    import mambazoo
+    from mambazoo.predict import classify_files
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                                      num_classes=args.num_classes)
+    except (ValueError, mambazoo.CheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    model.to(args.device)
+    results, timing = classify_files(model, args.images, topk=args.topk, batch_size=args.batch_size)
+    failed = [r for r in results if r.error]
+    if args.json:
+        print(json.dumps({
+            'model': args.model, 'checkpoint': args.checkpoint,
+            'results': [{'path': r.path, 'error': r.error,
+                         'top': [{'label': lab, 'index': i, 'probability': p} for lab, i, p in r.top]}
+                        for r in results],
+            'timing': timing,
+        }, indent=2))
+    else:
+        for r in results:
+            if r.error:
+                print(f'{r.path}: ERROR {r.error}', file=sys.stderr)
+                continue
+            print(r.path)
+            for rank, (label, index, prob) in enumerate(r.top, 1):
+                print(f'  {rank}. {prob * 100:6.2f}%  {label} ({index})')
+        print(f'throughput: {timing["images"]} images in {timing["seconds"]:.3f} s = '
+              f'{timing["images_per_s"]:.1f} images/s ({args.model}, {args.device}, batch {args.batch_size}, '
+              f'{torch.get_num_threads()} threads)')
+    if failed:
+        print(f'{len(failed)} of {len(results)} files could not be classified', file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='mambazoo', description=__doc__.split('\n')[0])
+    parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    p = sub.add_parser('predict', help='classify images (top-k)')
+    p.add_argument('images', nargs='+', help='image files')
+    p.add_argument('--model', required=True, help='model name or official alias (see `mambazoo list`)')
+    p.add_argument('--checkpoint', help='local checkpoint file or folder')
+    p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--json', action='store_true', help='print JSON instead of text')
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('list', help='list model names')
+    p.add_argument('pattern', nargs='?', default='*')
+    p.add_argument('--aliases', action='store_true', help='include the official names')
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser('random-checkpoint', help='save randomly initialised weights (for smoke tests)')
+    p.add_argument('--model', required=True)
+    p.add_argument('--out', required=True)
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--seed', type=int, default=0)
+    p.set_defaults(func=_cmd_random_checkpoint)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
