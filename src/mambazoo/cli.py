@@ -6,12 +6,27 @@ Commands:
     random-checkpoint --model NAME --out PATH                     save randomly initialised weights
 """
 import argparse
+import ast
 import json
 import logging
 import sys
 from typing import List, Optional
 
 __all__ = ['main']
+
+
+def _parse_kwargs(items: Optional[List[str]]) -> dict:
+    """``key=value`` pairs (values as Python literals, else strings), as timm's --model-kwargs."""
+    kwargs = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise SystemExit(f'error: --model-kwargs expects key=value, got {item!r}')
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -25,7 +40,7 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     import torch
     import mambazoo
     torch.manual_seed(args.seed)
-    model = mambazoo.create_model(args.model, num_classes=args.num_classes)
+    model = mambazoo.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
     # The official release layout: weights under 'state_dict'.
     torch.save({'state_dict': model.state_dict(), 'arch': args.model}, args.out)
     print(f'wrote randomly initialised {args.model} weights (seed {args.seed}) to {args.out}')
@@ -41,7 +56,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                                      num_classes=args.num_classes)
+                                      num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
     except (ValueError, mambazoo.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -84,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--checkpoint', help='local checkpoint file or folder')
     p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
     p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.add_argument('--topk', type=int, default=5)
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--device', default='cpu')
@@ -101,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', required=True)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.set_defaults(func=_cmd_random_checkpoint)
     return parser
 

@@ -1,0 +1,16 @@
+"""Shared test set-up: never touch the network; golden fixtures live in ../shared/fixtures."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ['HF_HUB_OFFLINE'] = '1'  # before anything imports huggingface_hub
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
+
+
+@pytest.fixture(scope='session')
+def shared_fixtures() -> Path:
+    if not SHARED_FIXTURES.is_dir():
+        pytest.skip(f'golden fixtures not found at {SHARED_FIXTURES} (../shared beside the project)')
+    return SHARED_FIXTURES
