@@ -7,12 +7,14 @@ timm's registry only gets names it does not already have (timm owns ``mambaout_*
 Checkpoints are read from local files only, except ``pretrained=True``, which looks for the official file in
 the local Hugging Face cache and downloads it only when a network is allowed (never with HF_HUB_OFFLINE=1).
 """
+import argparse
 import fnmatch
 import logging
 import os
 import pickle
+import sys
 import zipfile
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -174,7 +176,11 @@ def _weights_file_in_folder(folder: Path) -> Path:
     return found[0]
 
 
-def _load_file(path: Path) -> Any:
+# Harmless types that training scripts pickle beside the weights (timm's train.py saves its argparse config).
+_SAFE_CONFIG_GLOBALS = (argparse.Namespace, PosixPath, PurePosixPath)
+
+
+def _load_file(path: Path, trusted: bool = False) -> Any:
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try:
@@ -182,27 +188,32 @@ def _load_file(path: Path) -> Any:
         except Exception as e:  # safetensors raises its own error types for truncated / malformed headers
             raise CheckpointError(f'cannot read safetensors file {path}: {e}') from e
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        if 'weights_only' not in str(e):
-            raise CheckpointError(f'cannot read checkpoint {path}: {e}') from e
-        # Official training checkpoints also pickle their argparse config; torch refuses that in safe mode.
-        _logger.warning('%s holds Python objects besides tensors (e.g. a training config); loading it with '
-                        'weights_only=False: only do this for files you trust', path)
-        try:
+        if trusted:
             return torch.load(path, map_location='cpu', weights_only=False)
-        except Exception as e2:
-            raise CheckpointError(f'cannot read checkpoint {path}: {e2}') from e2
+        with torch.serialization.safe_globals(list(_SAFE_CONFIG_GLOBALS)):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Unsupported global' in str(e):
+            raise CheckpointError(
+                f'{path} holds Python objects besides tensors and a training config, which could run code when '
+                f'loaded ({str(e).splitlines()[-1] if str(e) else e}). If you trust the file, load it with '
+                f'trusted=True.') from e
+        raise CheckpointError(f'cannot read checkpoint {path} (corrupt, or not a PyTorch file): {e}') from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or not a PyTorch file?): {e}') from e
 
 
-def read_checkpoint(source: Union[str, Path, Mapping[str, Tensor]], use_ema: bool = False) -> Dict[str, Tensor]:
+def read_checkpoint(
+        source: Union[str, Path, Mapping[str, Tensor]],
+        use_ema: bool = False,
+        trusted: bool = False,
+) -> Dict[str, Tensor]:
     """A plain ``{key: tensor}`` state dict from a file, a folder or a (possibly wrapped) dict.
 
     Understands the release formats: weights at the top level or under 'state_dict' / 'model'
     (EMA weights under 'state_dict_ema' / 'model_ema' when ``use_ema``), 'module.' prefixes from DDP,
-    safetensors files and Hugging Face style folders.
+    safetensors files and Hugging Face style folders. Pickled files are read with torch's safe unpickler
+    (tensors, containers and an argparse training config); ``trusted=True`` allows any Python object.
     """
     if isinstance(source, Mapping):
         ckpt: Any = source
@@ -213,7 +224,7 @@ def read_checkpoint(source: Union[str, Path, Mapping[str, Tensor]], use_ema: boo
             path = _weights_file_in_folder(path)
         if not path.is_file():
             raise CheckpointError(f'checkpoint file not found: {path}')
-        ckpt = _load_file(path)
+        ckpt = _load_file(path, trusted=trusted)
         where = str(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f'{where} holds a {type(ckpt).__name__}, not a state dict')
@@ -242,16 +253,18 @@ def load_checkpoint(
         strict: bool = True,
         use_ema: bool = False,
         filter_fn: Optional[Callable[[Dict[str, Tensor], nn.Module], Dict[str, Tensor]]] = None,
+        trusted: bool = False,
 ) -> nn.Module:
     """Load a checkpoint into ``model``; strict about keys and shapes, except a classifier of another size.
 
     A head trained for another number of classes is dropped with a warning (as timm does) and the model
     keeps its freshly initialised head. Anything else that differs raises ``CheckpointMismatchError``
-    naming the keys.
+    naming the keys. ``filter_fn`` converts other key layouts; by default the model family's
+    ``checkpoint_filter_fn`` (a module-level function of the family file, as in timm).
     """
-    state = read_checkpoint(source, use_ema=use_ema)
+    state = read_checkpoint(source, use_ema=use_ema, trusted=trusted)
     if filter_fn is None:
-        filter_fn = getattr(model, 'checkpoint_filter_fn', None)
+        filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
     if filter_fn is not None:
         state = filter_fn(state, model)
     own = model.state_dict()
