@@ -5,6 +5,7 @@ and an int G is the grouped (batch, G, N, L) layout. Inputs are drawn in float64
 and cast afterwards, so the reference can always run on exact float64 copies of what the fast path saw.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -266,6 +267,8 @@ def test_dispatcher_default_is_chunked(small_inputs, restore_backend, monkeypatc
     calls = []
     for name, fn in list(SCAN_BACKENDS.items()):
         monkeypatch.setitem(SCAN_BACKENDS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
+    if 'MAMBAZOO_SCAN' not in os.environ:
+        assert get_scan_backend() == 'auto'
     set_scan_backend('auto')
     y = selective_scan(**small_inputs, delta_softplus=True)
     assert calls == ['chunked']
@@ -339,16 +342,20 @@ def test_bad_arguments_raise_naming_the_argument(case, backend):
 
 # ------------------------------------------------------------------------------------------ 7. autocast
 
-def test_autocast_bf16_still_computes_in_float32():
+@pytest.mark.parametrize('grad', [True, False], ids=['autograd', 'no_grad'])  # two code paths in the fast scan
+def test_autocast_bf16_still_computes_in_float32(grad):
     inputs = make_inputs(2, 8, 120, 4, b_form=2, c_form='var', dtype=torch.float32, seed=29)
     cot = cotangents_for(inputs, 4)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        y, last, grads = scan_and_grads(selective_scan_chunked, inputs, cot, delta_softplus=True, chunk_size=16)
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+        if grad:
+            y, last, grads = scan_and_grads(selective_scan_chunked, inputs, cot, delta_softplus=True, chunk_size=16)
+        else:
+            y, last = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True, chunk_size=16)
     y_ref, last_ref, grads_ref = scan_and_grads(selective_scan_ref, inputs, cot, delta_softplus=True)
     assert y.dtype == last.dtype == torch.float32
     assert_rel_close(y, y_ref, 1e-5)
     assert_rel_close(last, last_ref, 1e-5, 'last state')
-    for name, g in grads_ref.items():
+    for name, g in grads_ref.items() if grad else ():
         assert grads[name].dtype == torch.float32
         assert_rel_close(grads[name], g, 1e-4, f'grad {name}')
 
