@@ -1,6 +1,8 @@
 """``mambazoo <command>``: a thin command-line layer over the library.
 
 Commands:
+    train --config CONFIG.yaml [--set key=value ...] [--resume]   train and validate
+    validate --model NAME [--checkpoint PATH] --data DIR          top-1/top-5, loss, images/s
     predict IMAGE... --model NAME [--checkpoint PATH] [--json]   top-k classes per image
     list [PATTERN]                                                registered model names
     random-checkpoint --model NAME --out PATH                     save randomly initialised weights
@@ -88,6 +90,46 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mambazoo.data import DatasetNotFoundError
+    from mambazoo.train import load_config, train
+    config = load_config(args.config, args.set or [])
+    if args.output:
+        config['train']['output'] = args.output
+    try:
+        result = train(config, resume=args.resume)
+    except DatasetNotFoundError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    final = result['final']
+    print(f'final: val top-1 {final.get("val_top1", float("nan")):.2f}%, top-5 {final.get("val_top5", float("nan")):.2f}%, '
+          f'best top-1 {result["best_top1"]:.2f}% (epoch {result["best_epoch"]}), {result["seconds"]:.0f} s')
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from mambazoo.data import DatasetNotFoundError
+    from mambazoo.train.validate import validate
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        metrics = validate(args.model, args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                           img_size=args.img_size, crop_pct=args.crop_pct, device=args.device, use_ema=args.ema,
+                           model_kwargs=_parse_kwargs(args.model_kwargs))
+    except (DatasetNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f'{metrics["model"]} on {metrics["data"]} ({metrics["count"]} images): top-1 {metrics["top1"]:.2f}%, '
+              f'top-5 {metrics["top5"]:.2f}%, loss {metrics["loss"]:.4f}, {metrics["images_per_s"]:.0f} images/s')
+        for path in metrics.get('skipped_files', []):
+            print(f'  skipped unreadable image {path}', file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mambazoo', description=__doc__.split('\n')[0])
     parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
@@ -106,6 +148,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--json', action='store_true', help='print JSON instead of text')
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser('train', help='train a model from a YAML config')
+    p.add_argument('--config', help='YAML recipe (configs/*.yaml); built-in defaults otherwise')
+    p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='override config keys, e.g. sched.epochs=5')
+    p.add_argument('--output', help='run folder (train.output)')
+    p.add_argument('--resume', nargs='?', const='auto', default=None,
+                   help='resume from a checkpoint (default: the run folder\'s last.pth)')
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser('validate', help='top-1/top-5 of a model on a dataset')
+    p.add_argument('--model', help='model name (optional for checkpoints written by `mambazoo train`)')
+    p.add_argument('--checkpoint')
+    p.add_argument('--data', default='fashion_mnist', help='fashion_mnist, digits, or an ImageFolder root')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--crop-pct', type=float)
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--ema', action='store_true', help='evaluate the EMA weights')
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser('list', help='list model names')
     p.add_argument('pattern', nargs='?', default='*')

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'register_model', 'register_alias', 'create_model', 'list_models', 'is_model', 'resolve_name',
+    'register_model', 'register_alias', 'create_model', 'get_pretrained_cfg', 'list_models', 'is_model', 'resolve_name',
     'build_model', 'load_checkpoint', 'read_checkpoint', 'resolve_pretrained_file',
     'CheckpointError', 'CheckpointMismatchError',
 ]
@@ -75,6 +75,13 @@ def list_models(pattern: str = '*', include_aliases: bool = False) -> List[str]:
     """Sorted model names matching a shell-style ``pattern`` (e.g. 'mambavision_*')."""
     names = list(_entrypoints) + (list(_aliases) if include_aliases else [])
     return sorted(n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower()))
+
+
+def get_pretrained_cfg(name: str) -> Dict[str, Any]:
+    """The pretrained config (input size, crop, mean/std, ...) of a model name, without building the model."""
+    canonical = resolve_name(name)
+    module = sys.modules[_entrypoints[canonical].__module__]
+    return dict(getattr(module, 'default_cfgs', {}).get(canonical, {}))
 
 
 def create_model(

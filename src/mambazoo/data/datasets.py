@@ -1,0 +1,165 @@
+"""Datasets for training and validation: image folders, synthetic images, and two real sets that install offline.
+
+* Fashion-MNIST (the real default): Zalando's 70,000 28x28 grayscale clothing images, 10 classes, 60k train /
+  10k test, MIT licence. Debian's ``dataset-fashion-mnist`` package installs the original IDX files under
+  /usr/share/datasets/fashion-mnist/ (``scripts/setup.sh --data`` installs it); ``path`` points elsewhere.
+* scikit-learn's bundled digits (the fallback when Fashion-MNIST is absent): 1,797 8x8 grayscale digits.
+* ImageFolder trees (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``, as ImageNet is laid out): a corrupt
+  or unreadable image is reported and replaced by the next readable one, never a crash in the middle of an epoch.
+* Synthetic images (torchvision's FakeData) for smoke tests.
+
+Every dataset yields (PIL image, label); the transforms (timm's) turn images into tensors.
+"""
+import gzip
+import logging
+import struct
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    'DatasetNotFoundError', 'ArrayImageDataset', 'SafeImageFolder', 'read_idx', 'load_fashion_mnist', 'load_digits',
+    'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD',
+]
+
+FASHION_MNIST_DIR = Path('/usr/share/datasets/fashion-mnist')
+FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                         'Ankle boot')
+# Pixel statistics of the Fashion-MNIST training set (values in [0, 1]).
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset whose files are not where they were looked for; the message says how to get them."""
+
+
+def read_idx(path: Union[str, Path]) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == '.gz' else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    if len(data) < 4:
+        raise ValueError(f'{path}: not an IDX file (too short)')
+    zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f'{path}: not an unsigned-byte IDX file (header {data[:4].hex()})')
+    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise ValueError(f'{path}: expected {int(np.prod(shape))} values for shape {shape}, found {body.size} '
+                         f'(truncated file?)')
+    return body.reshape(shape)
+
+
+class ArrayImageDataset(Dataset):
+    """Images held in memory as a uint8 array (N, H, W) or (N, H, W, C), with integer labels."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
+                 transform: Optional[Callable] = None):
+        if len(images) != len(labels):
+            raise ValueError(f'{len(images)} images but {len(labels)} labels')
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[object, int]:
+        img = Image.fromarray(self.images[index])
+        return (self.transform(img) if self.transform else img), int(self.labels[index])
+
+
+def load_fashion_mnist(root: Optional[Union[str, Path]] = None, split: str = 'train',
+                       transform: Optional[Callable] = None) -> ArrayImageDataset:
+    """Fashion-MNIST from its IDX files: split 'train' (60,000) or 'test'/'val' (10,000)."""
+    root = Path(root) if root else FASHION_MNIST_DIR
+    prefix = 'train' if split == 'train' else 't10k'
+    files = []
+    for kind in ('images-idx3-ubyte', 'labels-idx1-ubyte'):
+        candidates = [root / f'{prefix}-{kind}.gz', root / f'{prefix}-{kind}']
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise DatasetNotFoundError(
+                f'Fashion-MNIST not found: no {candidates[0].name} in {root}. Install it with '
+                f'`apt-get install dataset-fashion-mnist` (Debian; `bash scripts/setup.sh --data` does this), '
+                f'or point data.path at a folder with the IDX files, or use data.name=digits '
+                f"(scikit-learn's bundled 8x8 digits) instead.")
+        files.append(found)
+    images, labels = read_idx(files[0]), read_idx(files[1])
+    return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, transform)
+
+
+def load_digits(split: str = 'train', transform: Optional[Callable] = None, val_fraction: float = 0.2,
+                seed: int = 0) -> ArrayImageDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), split deterministically per class."""
+    from sklearn.datasets import load_digits as sk_load_digits
+    bunch = sk_load_digits()
+    images = (bunch.images * (255.0 / 16.0)).round().astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    val_idx: List[int] = []
+    for c in range(10):
+        idx = np.flatnonzero(bunch.target == c)
+        val_idx.extend(rng.permutation(idx)[:int(round(len(idx) * val_fraction))].tolist())
+    is_val = np.zeros(len(images), dtype=bool)
+    is_val[val_idx] = True
+    keep = is_val if split != 'train' else ~is_val
+    return ArrayImageDataset(images[keep], bunch.target[keep], [str(c) for c in range(10)], transform)
+
+
+class SafeImageFolder(Dataset):
+    """torchvision's ImageFolder that reports and skips unreadable images instead of failing mid-epoch.
+
+    A file that cannot be decoded is logged once (with the reason), remembered in ``bad_files``, and the next
+    readable image of the folder takes its place in the batch.
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None):
+        from torchvision.datasets import ImageFolder
+        root = Path(root)
+        if not root.is_dir():
+            raise DatasetNotFoundError(f'image folder not found: {root} (expected {root}/<class name>/<images>)')
+        self._folder = ImageFolder(str(root))
+        self.classes = self._folder.classes
+        self.samples = self._folder.samples
+        self.transform = transform
+        self.bad_files: Set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, path: str) -> Image.Image:
+        from ..predict import load_image
+        return load_image(path)
+
+    def __getitem__(self, index: int) -> Tuple[object, int]:
+        from ..predict import ImageLoadError
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            if path in self.bad_files:
+                continue
+            try:
+                img = self._load(path)
+            except ImageLoadError as e:
+                self.bad_files.add(path)
+                _logger.warning('skipping unreadable image %s', e)
+                continue
+            return (self.transform(img) if self.transform else img), label
+        raise RuntimeError(f'no readable image in {len(self.samples)} files of the folder')
+
+
+def fake_dataset(size: int, img_size: int, num_classes: int, in_chans: int = 3, seed: int = 0,
+                 transform: Optional[Callable] = None) -> Dataset:
+    """torchvision FakeData: random images whose content is fixed by (seed, index)."""
+    from torchvision.datasets import FakeData
+    ds = FakeData(size=size, image_size=(in_chans, img_size, img_size), num_classes=num_classes,
+                  transform=transform, random_offset=seed * 1_000_003)
+    ds.classes = [str(i) for i in range(num_classes)]
+    return ds

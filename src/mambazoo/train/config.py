@@ -1,0 +1,167 @@
+"""Training configuration: YAML files over built-in defaults, with ``--set key.sub=value`` overrides.
+
+A config is a nested dict; ``DEFAULTS`` lists every key the trainer reads (a YAML file or an override that
+names an unknown key is an error, so a typo never silently trains with a default).
+"""
+import ast
+import copy
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Union
+
+import yaml
+
+__all__ = ['DEFAULTS', 'load_config', 'apply_overrides', 'merge']
+
+DEFAULTS: Dict[str, Any] = {
+    'model': {
+        'name': 'mambavision_tiny',
+        'kwargs': {},              # extra constructor arguments (e.g. dims, depths for a small config)
+        'drop_path_rate': None,    # None: the model's default
+        'pretrained': False,
+        'checkpoint': None,        # initial weights (fine-tuning)
+    },
+    'data': {
+        'name': 'fashion_mnist',   # fashion_mnist | digits | imagefolder | fake
+        'path': None,              # dataset root (imagefolder: holds train/ and val/; fashion_mnist: IDX files)
+        'train_split': 'train',
+        'val_split': 'val',
+        'img_size': 224,
+        'in_chans': None,          # None: 1 for the grayscale sets, 3 otherwise
+        'num_classes': None,       # None: from the dataset
+        'fake_size': [512, 128],   # fake: train and val sizes
+        'fake_classes': 10,
+        'batch_size': 128,         # per process
+        'eval_batch_size': None,
+        'workers': 0,
+        'mean': None,              # None: the model's config (grayscale sets: their own statistics)
+        'std': None,
+        'interpolation': 'bicubic',
+        'crop_pct': None,
+        'aug': {
+            'scale': [0.08, 1.0],
+            'ratio': [0.75, 1.3333333333333333],
+            'hflip': 0.5,
+            'vflip': 0.0,
+            'color_jitter': 0.4,
+            'auto_augment': None,  # e.g. rand-m9-mstd0.5-inc1
+            're_prob': 0.0,
+            're_mode': 'pixel',
+            'train_interpolation': 'random',
+        },
+        'mixup': {
+            'mixup_alpha': 0.0,
+            'cutmix_alpha': 0.0,
+            'prob': 1.0,
+            'switch_prob': 0.5,
+            'mode': 'batch',
+        },
+    },
+    'optim': {
+        'opt': 'adamw',
+        'lr': 1e-3,
+        'weight_decay': 0.05,
+        'momentum': 0.9,
+        'betas': None,
+        'eps': None,
+        'layer_decay': None,
+        'clip_grad': None,
+        'clip_mode': 'norm',
+        'accum_steps': 1,
+    },
+    'sched': {
+        'sched': 'cosine',
+        'epochs': 10,
+        'warmup_epochs': 0,
+        'warmup_lr': 1e-6,
+        'min_lr': 1e-5,
+        'cooldown_epochs': 0,
+    },
+    'loss': {
+        'label_smoothing': 0.0,
+    },
+    'ema': {
+        'enabled': False,
+        'decay': 0.9998,
+        'warmup': False,
+        'eval': True,              # also validate the EMA weights and pick 'best' from the better of the two
+    },
+    'train': {
+        'seed': 0,
+        'output': 'runs/default',
+        'amp': False,
+        'amp_dtype': 'bfloat16',   # bfloat16 | float16 (float16 uses a GradScaler)
+        'channels_last': False,
+        'grad_checkpointing': False,
+        'checkpoint_interval_steps': 0,   # also save 'last' every N optimizer steps (0: at epoch ends only)
+        'max_steps_per_epoch': None,      # cap an epoch (smoke tests)
+        'log_interval': 20,
+        'progress': True,
+        'tensorboard': True,
+        'wandb': False,
+        'wandb_project': 'mambazoo',
+        'plots': True,
+        'threads': 0,              # torch CPU threads (0: torch's default)
+        'device': 'auto',          # auto | cpu | cuda
+        'oom_fallback': True,      # halve the per-step batch (and double accumulation) on out-of-memory
+    },
+}
+
+
+FREE_FORM = ('model.kwargs',)
+
+
+def merge(base: Dict[str, Any], update: Dict[str, Any], where: str = '') -> Dict[str, Any]:
+    """Recursively update a copy of ``base``; unknown keys are errors (except inside free-form dicts)."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        path = f'{where}.{key}' if where else key
+        if where in FREE_FORM:  # constructor arguments: any key
+            out[key] = value
+        elif key not in out:
+            raise KeyError(f'unknown config key {path!r}; known keys here: {", ".join(sorted(out))}')
+        elif isinstance(out[key], dict):
+            if not isinstance(value, dict):
+                raise TypeError(f'config key {path!r} must be a mapping, got {value!r}')
+            out[key] = merge(out[key], value, path)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+
+def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` strings (values parsed as YAML: 0.1, true, [1, 2], null)."""
+    config = copy.deepcopy(config)
+    for item in overrides or []:
+        key, sep, text = item.partition('=')
+        if not sep:
+            raise ValueError(f'override must be key=value, got {item!r}')
+        parts = key.strip().split('.')
+        update: Dict[str, Any] = {}
+        node = update
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_value(text)
+        config = merge(config, update)
+    return config
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
+    """DEFAULTS, then the YAML file (if any), then the overrides."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f'{path}: a config file must hold a mapping at the top level')
+        config = merge(config, loaded)
+    return apply_overrides(config, overrides)
