@@ -1,8 +1,21 @@
 #!/usr/bin/env bash
 # Set up from nothing: a local virtual environment (.venv) with mambazoo and its test tools.
+# With --data, also the bundled real dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--data" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""
+  [ "$(id -u)" = "0" ] || SUDO=$(command -v sudo || true)
+  if command -v apt-get >/dev/null && { [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; }; then
+    echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+      || echo "setup: WARNING: could not install dataset-fashion-mnist" >&2
+  else
+    echo "setup: WARNING: Fashion-MNIST needs Debian's apt (as root): apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
 
 PYTHON=${PYTHON:-}
 if [ -z "$PYTHON" ]; then
