@@ -101,6 +101,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except DatasetNotFoundError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    if result['rank'] != 0:
+        return 0
     final = result['final']
     print(f'final: val top-1 {final.get("val_top1", float("nan")):.2f}%, top-5 {final.get("val_top5", float("nan")):.2f}%, '
           f'best top-1 {result["best_top1"]:.2f}% (epoch {result["best_epoch"]}), {result["seconds"]:.0f} s')
@@ -108,6 +110,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    import mambazoo
     from mambazoo.data import DatasetNotFoundError
     from mambazoo.train.validate import validate
     if args.threads:
@@ -117,7 +120,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         metrics = validate(args.model, args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
                            img_size=args.img_size, crop_pct=args.crop_pct, device=args.device, use_ema=args.ema,
                            model_kwargs=_parse_kwargs(args.model_kwargs))
-    except (DatasetNotFoundError, ValueError) as e:
+    except (DatasetNotFoundError, ValueError, mambazoo.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if args.json:

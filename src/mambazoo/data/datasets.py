@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'DatasetNotFoundError', 'ArrayImageDataset', 'SafeImageFolder', 'read_idx', 'load_fashion_mnist', 'load_digits',
+    'DatasetNotFoundError', 'ArrayImageDataset', 'SafeImageFolder', 'collate_skipping_none', 'read_idx', 'load_fashion_mnist', 'load_digits',
     'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD',
 ]
 
@@ -43,13 +43,18 @@ def read_idx(path: Union[str, Path]) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzipped or not, into a uint8 array."""
     path = Path(path)
     opener = gzip.open if path.suffix == '.gz' else open
-    with opener(path, 'rb') as f:
-        data = f.read()
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(f'{path}: cannot read the file ({e}; truncated or corrupt?)') from None
     if len(data) < 4:
         raise ValueError(f'{path}: not an IDX file (too short)')
     zero, dtype_code, ndim = struct.unpack('>HBB', data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f'{path}: not an unsigned-byte IDX file (header {data[:4].hex()})')
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f'{path}: the header is cut short ({len(data)} bytes for {ndim} dimensions)')
     shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
@@ -117,11 +122,13 @@ def load_digits(split: str = 'train', transform: Optional[Callable] = None, val_
 class SafeImageFolder(Dataset):
     """torchvision's ImageFolder that reports and skips unreadable images instead of failing mid-epoch.
 
-    A file that cannot be decoded is logged once (with the reason), remembered in ``bad_files``, and the next
-    readable image of the folder takes its place in the batch.
+    A file that cannot be decoded is logged once (with the reason) and remembered in ``bad_files``. For training
+    (``substitute=True``) the next readable image takes its place, so batches keep their size; for evaluation
+    (``substitute=False``) the item is None and ``collate_skipping_none`` leaves it out, so every readable image
+    is counted exactly once.
     """
 
-    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None):
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, substitute: bool = True):
         from torchvision.datasets import ImageFolder
         root = Path(root)
         if not root.is_dir():
@@ -130,6 +137,7 @@ class SafeImageFolder(Dataset):
         self.classes = self._folder.classes
         self.samples = self._folder.samples
         self.transform = transform
+        self.substitute = substitute
         self.bad_files: Set[str] = set()
 
     def __len__(self) -> int:
@@ -139,8 +147,18 @@ class SafeImageFolder(Dataset):
         from ..predict import load_image
         return load_image(path)
 
-    def __getitem__(self, index: int) -> Tuple[object, int]:
+    def __getitem__(self, index: int) -> Optional[Tuple[object, int]]:
         from ..predict import ImageLoadError
+        if not self.substitute:
+            path, label = self.samples[index]
+            try:
+                img = self._load(path)
+            except ImageLoadError as e:
+                if path not in self.bad_files:
+                    self.bad_files.add(path)
+                    _logger.warning('skipping unreadable image %s', e)
+                return None
+            return (self.transform(img) if self.transform else img), label
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             if path in self.bad_files:
@@ -153,6 +171,13 @@ class SafeImageFolder(Dataset):
                 continue
             return (self.transform(img) if self.transform else img), label
         raise RuntimeError(f'no readable image in {len(self.samples)} files of the folder')
+
+
+def collate_skipping_none(batch):
+    """Default collation of the items that are not None (unreadable images dropped by SafeImageFolder)."""
+    from torch.utils.data import default_collate
+    kept = [item for item in batch if item is not None]
+    return default_collate(kept) if kept else None
 
 
 def fake_dataset(size: int, img_size: int, num_classes: int, in_chans: int = 3, seed: int = 0,

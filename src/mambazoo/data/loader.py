@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, SafeImageFolder, fake_dataset, load_digits,
-                       load_fashion_mnist)
+from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, SafeImageFolder, collate_skipping_none, fake_dataset,
+                       load_digits, load_fashion_mnist)
 
 __all__ = ['DataBundle', 'build_data', 'with_mode', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_transform']
 
@@ -144,7 +144,8 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
             raise ValueError('data.path must point at the image folder root (holding train/ and val/)')
         from pathlib import Path
         root = Path(d['path'])
-        train, val = SafeImageFolder(root / d['train_split'], t_train), SafeImageFolder(root / d['val_split'], t_val)
+        train = SafeImageFolder(root / d['train_split'], t_train)
+        val = SafeImageFolder(root / d['val_split'], t_val, substitute=False)
         if train.classes != val.classes:
             raise ValueError(f'train and val folders have different classes: {train.classes[:5]}... vs '
                              f'{val.classes[:5]}...')
@@ -179,5 +180,6 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, wo
                  world_size: int = 1, drop_last: bool = False, pad: bool = True) -> Tuple[DataLoader, ResumableSampler]:
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, pad=pad)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                        drop_last=drop_last, pin_memory=False, persistent_workers=False)
+                        drop_last=drop_last, pin_memory=False, persistent_workers=False,
+                        collate_fn=collate_skipping_none)
     return loader, sampler

@@ -2,9 +2,17 @@
 from ._builder import (CheckpointError, CheckpointMismatchError, create_model, is_model, list_models,
                        load_checkpoint, read_checkpoint, resolve_name)
 from .mambavision import MambaVision
+from .vmamba import VSSM
+from .mambaout import MambaOut
+from .vim import VisionMamba
+from .hybrid import MambaHybrid
 
 __all__ = [
     'MambaVision',
+    'VSSM',
+    'MambaOut',
+    'VisionMamba',
+    'MambaHybrid',
     'create_model', 'list_models', 'is_model', 'resolve_name', 'load_checkpoint', 'read_checkpoint',
     'CheckpointError', 'CheckpointMismatchError',
 ]

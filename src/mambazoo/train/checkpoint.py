@@ -39,12 +39,15 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> Path:
 
 
 def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
-    """A checkpoint written by the trainer (our own file, so full unpickling is acceptable for its config)."""
-    return torch.load(path, map_location='cpu', weights_only=False)
+    """A checkpoint written by the trainer (only tensors, numbers, strings and containers: torch's safe loader)."""
+    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
+    """Generator states in types torch's safe loader accepts (the NumPy key array becomes a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {'python': random.getstate(), 'numpy': (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                     cached), 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -52,7 +55,8 @@ def rng_state() -> Dict[str, Any]:
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])

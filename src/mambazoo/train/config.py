@@ -5,6 +5,7 @@ names an unknown key is an error, so a typo never silently trains with a default
 """
 import ast
 import copy
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
@@ -128,9 +129,27 @@ def merge(base: Dict[str, Any], update: Dict[str, Any], where: str = '') -> Dict
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-3 (no dot) as a string; accept it as a float, as YAML 1.2 and Python do."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'''^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$''', re.X),
+    list('-+0123456789.'))
+
+
+def _yaml_load(text_or_stream: Any) -> Any:
+    return yaml.load(text_or_stream, Loader=_Loader)
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         try:
             return ast.literal_eval(text)
@@ -160,7 +179,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _yaml_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f'{path}: a config file must hold a mapping at the top level')
         config = merge(config, loaded)

@@ -83,8 +83,12 @@ def _mixup(config: Dict[str, Any], num_classes: int):
 
 
 def find_batch_size(step_fn, batch_size: int, accum_steps: int) -> Tuple[int, int]:
-    """Halve the per-step batch (doubling accumulation, so the global batch stays) until ``step_fn(batch)``
-    runs without running out of memory."""
+    """Shrink the per-step batch until ``step_fn(batch)`` runs without running out of memory, raising the
+    accumulation so that the global batch (batch x accumulation) stays exactly the same.
+
+    Each retry takes the largest divisor of the global batch that is at most half the failed batch.
+    """
+    global_batch = batch_size * accum_steps
     while True:
         try:
             step_fn(batch_size)
@@ -94,9 +98,10 @@ def find_batch_size(step_fn, batch_size: int, accum_steps: int) -> Tuple[int, in
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            smaller = max(d for d in range(1, batch_size // 2 + 1) if global_batch % d == 0)
             _logger.warning('out of memory at batch %d per step: trying %d with %dx accumulation',
-                            batch_size, batch_size // 2, accum_steps * 2)
-            batch_size, accum_steps = batch_size // 2, accum_steps * 2
+                            batch_size, smaller, global_batch // smaller)
+            batch_size, accum_steps = smaller, global_batch // smaller
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -109,8 +114,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp_dtype: Optional
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
     t0 = time.perf_counter()
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
+    for batch in loader:
+        if batch is None:  # every image of the batch was unreadable
+            continue
+        x, y = batch[0].to(device), batch[1].to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         out = out.float()
@@ -284,7 +291,10 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     criterion = _criterion(config, mixup_fn is not None)
     train_model = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
 
-    state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_top1': -1.0, 'best_epoch': -1, 'history': []}
+    # 'epoch_sums': the running training loss/accuracy of the current epoch, so a mid-epoch resume reports the
+    # same epoch figures as an uninterrupted run.
+    state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_top1': -1.0, 'best_epoch': -1, 'history': [],
+             'epoch_sums': {'loss': 0.0, 'correct': 0, 'seen': 0}}
     if resume:
         path = out_dir / 'last.pth' if resume == 'auto' else Path(resume)
         if path.is_file():
@@ -296,7 +306,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
                 ema.module.load_state_dict(ckpt['ema'])
             if scaler is not None and ckpt.get('scaler') is not None:
                 scaler.load_state_dict(ckpt['scaler'])
-            state.update({k: ckpt[k] for k in state})
+            state.update({k: ckpt[k] for k in state if k in ckpt})
             if is_main:
                 print(f'resumed from {path}: epoch {state["epoch"]}, step {state["step_in_epoch"]}, '
                       f'global step {state["global_step"]}')
@@ -306,15 +316,16 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     log = _RunLog(out_dir, config, enabled=is_main)
     log.history = list(state['history'])
 
-    def checkpoint(path: Path, epoch: int, step_in_epoch: int) -> None:
+    def checkpoint(path: Path, epoch: int, step_in_epoch: int, **extra: Any) -> None:
         if not is_main:
             return
-        save_atomic({
+        save_atomic({**extra,
             'model': model.state_dict(), 'ema': ema.module.state_dict() if ema is not None else None,
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
             'scaler': scaler.state_dict() if scaler is not None else None, 'rng': rng_state(),
             'epoch': epoch, 'step_in_epoch': step_in_epoch, 'global_step': state['global_step'],
             'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'history': log.history,
+            'epoch_sums': dict(state['epoch_sums']),
             'config': config, 'arch': config['model']['name'], 'num_classes': data.num_classes,
             'in_chans': data.in_chans, 'classes': data.classes,
         }, path)
@@ -331,6 +342,8 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     final: Dict[str, float] = {}
     for epoch in range(state['epoch'], num_epochs):
         start_step = state['step_in_epoch'] if epoch == state['epoch'] else 0
+        if start_step == 0:
+            state['epoch_sums'] = {'loss': 0.0, 'correct': 0, 'seen': 0}
         train_set.set_epoch(epoch)
         train_sampler.set_epoch(epoch)
         train_sampler.set_start(start_step * batch_size * accum)
@@ -351,26 +364,23 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
             row.update(ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
             score = max(score, ema_metrics['top1'])
         log.epoch(row, state['global_step'])
-        state.update(epoch=epoch + 1, step_in_epoch=0)
         if is_main:
             ema_note = f', EMA top-1 {row["ema_top1"]:.2f}%' if 'ema_top1' in row else ''
             print(f'epoch {epoch + 1}/{num_epochs}: train loss {stats["loss"]:.4f}, val loss {metrics["loss"]:.4f}, '
                   f'top-1 {metrics["top1"]:.2f}%, top-5 {metrics["top5"]:.2f}%{ema_note} '
                   f'({stats["images_per_s"]:.0f} img/s, {row["elapsed_s"]:.0f} s)')
-        if score > state['best_top1']:
+        improved = score > state['best_top1']
+        if improved:
             state.update(best_top1=score, best_epoch=epoch + 1)
-            if is_main:
-                save_atomic({'state_dict': model.state_dict(),
-                             'state_dict_ema': ema.module.state_dict() if ema is not None else None,
-                             'epoch': epoch + 1, 'top1': score, 'arch': config['model']['name'],
-                             'num_classes': data.num_classes, 'in_chans': data.in_chans, 'classes': data.classes,
-                             'config': config}, out_dir / 'best.pth')
+        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={'loss': 0.0, 'correct': 0, 'seen': 0})
+        if improved:
+            checkpoint(out_dir / 'best.pth', epoch + 1, 0, top1=score)  # the full state, like last.pth
         checkpoint(out_dir / 'last.pth', epoch + 1, 0)
         final = row
     png = log.close(t_cfg['plots'])
     if world_size > 1:
         dist.barrier()
-    result = {'final': final, 'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'],
+    result = {'final': final, 'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'rank': rank,
               'output': str(out_dir), 'plot': str(png) if png else None,
               'seconds': time.perf_counter() - t_start, 'model': model, 'ema': ema.module if ema else None}
     if is_main:
@@ -389,7 +399,9 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
         from tqdm import tqdm
         progress = tqdm(total=steps_per_epoch, initial=start_step, desc=f'epoch {epoch + 1}', leave=False,
                         dynamic_ncols=True)
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    sums = state['epoch_sums']  # carried over a mid-epoch resume
+    seen_before = sums['seen']
+    t0 = time.perf_counter()
     batches = iter(loader)
     for step in range(start_step, steps_per_epoch):
         step_loss = 0.0
@@ -413,8 +425,8 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             step_loss += loss.item()
             if mixup_fn is None:
-                correct += (out.argmax(-1) == y).sum().item()
-            seen += len(y)
+                sums['correct'] += (out.argmax(-1) == y).sum().item()
+            sums['seen'] += len(y)
         if scaler is not None:
             scaler.unscale_(optimizer)
         if o_cfg['clip_grad']:
@@ -430,16 +442,16 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
         if ema is not None:
             ema.update(model, step=state['global_step'])
         scheduler.step_update(num_updates=state['global_step'])
-        loss_sum += step_loss
-        done = step - start_step + 1
+        sums['loss'] += step_loss
+        done = step + 1
         if progress is not None:
             progress.update(1)
             if done % max(1, t_cfg['log_interval']) == 0 or step == steps_per_epoch - 1:
-                ips = seen / (time.perf_counter() - t0)
-                postfix = {'loss': f'{loss_sum / done:.4f}', 'lr': f'{optimizer.param_groups[0]["lr"]:.2e}',
+                ips = (sums['seen'] - seen_before) / (time.perf_counter() - t0)
+                postfix = {'loss': f'{sums["loss"] / done:.4f}', 'lr': f'{optimizer.param_groups[0]["lr"]:.2e}',
                            'img/s': f'{ips:.0f}'}
                 if mixup_fn is None:
-                    postfix['acc'] = f'{100 * correct / max(seen, 1):.1f}'
+                    postfix['acc'] = f'{100 * sums["correct"] / max(sums["seen"], 1):.1f}'
                 progress.set_postfix(postfix)
                 log.step(state['global_step'], {'loss': step_loss, 'lr': optimizer.param_groups[0]['lr'],
                                                 'images_per_s': ips})
@@ -447,7 +459,14 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
             on_step(step + 1)
     if progress is not None:
         progress.close()
-    n_steps = max(steps_per_epoch - start_step, 1)
     seconds = time.perf_counter() - t0
-    return {'loss': loss_sum / n_steps, 'top1': 100 * correct / seen if (mixup_fn is None and seen) else float('nan'),
-            'images_per_s': seen / seconds if seconds > 0 else 0.0}
+    images_per_s = (sums['seen'] - seen_before) / seconds if seconds > 0 else 0.0
+    totals = torch.tensor([sums['loss'], sums['correct'], sums['seen']], dtype=torch.float64)
+    if dist.is_initialized():  # average the figures over the ranks
+        dist.all_reduce(totals)
+        totals[0] /= dist.get_world_size()
+        images_per_s *= dist.get_world_size()
+    loss_sum, correct, seen = totals.tolist()
+    return {'loss': loss_sum / steps_per_epoch,
+            'top1': 100 * correct / seen if (mixup_fn is None and seen) else float('nan'),
+            'images_per_s': images_per_s}

@@ -13,7 +13,7 @@ __all__ = ['validate']
 
 
 def _eval_transform(model, in_chans: int, img_size: Optional[int], crop_pct: Optional[float],
-                    mean=None, std=None):
+                    mean=None, std=None, interpolation: Optional[str] = None):
     """The model's evaluation transform (resize by crop_pct, center crop, its mean/std), resolved by timm."""
     from timm.data import create_transform, resolve_data_config
     args: Dict[str, Any] = {}
@@ -23,6 +23,8 @@ def _eval_transform(model, in_chans: int, img_size: Optional[int], crop_pct: Opt
         args['crop_pct'] = crop_pct
     if mean is not None:
         args['mean'], args['std'] = tuple(mean), tuple(std)
+    if interpolation:
+        args['interpolation'] = interpolation
     cfg = resolve_data_config(args, model=model)
     cfg['input_size'] = (in_chans,) + tuple(cfg['input_size'][1:])
     if len(cfg['mean']) != in_chans:
@@ -53,12 +55,13 @@ def validate(
         data: 'fashion_mnist', 'digits', or an ImageFolder root (uses its ``val/`` folder when there is one).
         use_ema: evaluate the EMA weights of the checkpoint.
     """
-    meta: Dict[str, Any] = {}
-    if checkpoint is not None:
-        raw = torch.load(checkpoint, map_location='cpu', weights_only=False) if str(checkpoint).endswith('.pth') \
-            else None
-        if isinstance(raw, dict) and 'config' in raw:  # written by our trainer
-            meta = raw
+    raw = None
+    if checkpoint is not None and Path(checkpoint).is_file() and not str(checkpoint).endswith('.safetensors'):
+        try:
+            raw = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        except Exception:  # read_checkpoint below reports what is wrong with the file
+            raw = None
+    meta: Dict[str, Any] = raw if isinstance(raw, dict) and 'config' in raw else {}  # written by our trainer
     model_name = model_name or meta.get('arch')
     if not model_name:
         raise ValueError('name the model (--model): the checkpoint does not record its architecture')
@@ -77,17 +80,18 @@ def validate(
     else:
         root = Path(data)
         root = root / (split or 'val') if (root / (split or 'val')).is_dir() else root
-        dataset = SafeImageFolder(root)
+        dataset = SafeImageFolder(root, substitute=False)
     num_classes = num_classes or len(dataset.classes)
     model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     if checkpoint is not None:
         from ..models import load_checkpoint
-        load_checkpoint(model, read_checkpoint(checkpoint, use_ema=use_ema))
+        load_checkpoint(model, read_checkpoint(meta or checkpoint, use_ema=use_ema))
     mean, std = data_cfg.get('mean'), data_cfg.get('std')
     if mean is None and str(data) in ('fashion_mnist', 'digits'):
         from ..data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
         mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    transform, cfg = _eval_transform(model, in_chans, img_size, crop_pct, mean, std)
+    # A checkpoint of our trainer is evaluated exactly as the trainer did; otherwise the family's own transform.
+    transform, cfg = _eval_transform(model, in_chans, img_size, crop_pct, mean, std, data_cfg.get('interpolation'))
     dataset.transform = with_mode(transform, in_chans)
     loader, _ = build_loader(dataset, batch_size, False, 0, workers, pad=False)
     dev = torch.device(device)

@@ -1,0 +1,122 @@
+"""Cross scan and cross merge: the four traversals of a 2-D map that VMamba's SS2D feeds to one selective scan.
+
+For a map x of shape (B, C, H, W) with L = H * W tokens, ``cross_scan`` returns (B, 4, C, L):
+
+    k = 0  row-major                 x[..., h, w] in order of (h, w)
+    k = 1  column-major              x[..., h, w] in order of (w, h)
+    k = 2  row-major, reversed       direction 0 read backwards
+    k = 3  column-major, reversed    direction 1 read backwards
+
+(the order of MzeroMiko/VMamba ``csm_triton.cross_scan_fn`` with ``scans=0``, so the stacked per-direction
+parameters of the released checkpoints line up). ``cross_merge`` is its adjoint: it takes one sequence per
+direction, (B, 4, C, L), puts every token back at its (h, w) place and sums the four, giving (B, C, H, W).
+Because each is the other's transpose, each one's backward is the other's forward.
+
+``cross_scan_index`` gives the four traversals as explicit index permutations of the row-major token order;
+``cross_scan_ref`` / ``cross_merge_ref`` are the gather / scatter-add definitions built on it, the oracle the
+fast versions are tested against.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref']
+
+NUM_DIRECTIONS = 4
+
+
+def _check_map(x: Tensor) -> Tuple[int, int, int, int]:
+    if x.dim() != 4:
+        raise ValueError(f'cross_scan expects a map (B, C, H, W), got shape {tuple(x.shape)}')
+    return tuple(x.shape)  # type: ignore[return-value]
+
+
+def _check_sequences(ys: Tensor, height: int, width: int) -> Tuple[int, int]:
+    if ys.dim() != 4 or ys.shape[1] != NUM_DIRECTIONS or ys.shape[3] != height * width:
+        raise ValueError(f'cross_merge expects (B, 4, C, H*W) = (B, 4, C, {height * width}) for a {height}x{width} '
+                         f'map, got shape {tuple(ys.shape)}')
+    return ys.shape[0], ys.shape[2]
+
+
+def _scan(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 4, C, H*W): two strided copies into one buffer, then its reversed half."""
+    B, C, H, W = x.shape
+    out = x.new_empty(B, NUM_DIRECTIONS, C, H * W)
+    out[:, 0].view(B, C, H, W).copy_(x)
+    out[:, 1].view(B, C, W, H).copy_(x.transpose(2, 3))
+    out[:, 2:].copy_(out[:, :2].flip(-1))
+    return out
+
+
+def _merge(ys: Tensor, height: int, width: int) -> Tensor:
+    """(B, 4, C, H*W) -> (B, C, H, W): undo each traversal and sum."""
+    B, _, C, L = ys.shape
+    # A reversed traversal read backwards is the forward one: fold 2 into 0 and 3 into 1 first.
+    both = ys[:, :2] + ys[:, 2:].flip(-1)
+    return both[:, 0].view(B, C, height, width) + both[:, 1].view(B, C, width, height).transpose(2, 3)
+
+
+class _CrossScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.hw = x.shape[-2:]
+        return _scan(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _merge(grad, *ctx.hw)
+
+
+class _CrossMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ys: Tensor, height: int, width: int) -> Tensor:
+        return _merge(ys, height, width)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _scan(grad), None, None
+
+
+def cross_scan(x: Tensor) -> Tensor:
+    """The four traversals of a map, stacked: (B, C, H, W) -> (B, 4, C, H*W), contiguous.
+
+    Direction order: row-major, column-major, row-major reversed, column-major reversed. Differentiable
+    (the backward is ``cross_merge``).
+    """
+    _check_map(x)
+    return _CrossScan.apply(x)
+
+
+def cross_merge(ys: Tensor, height: int, width: int) -> Tensor:
+    """The adjoint of ``cross_scan``: (B, 4, C, H*W) sequences -> their sum on the (B, C, H, W) grid.
+
+    ``cross_merge(cross_scan(x), H, W) == 4 * x``. Differentiable (the backward is ``cross_scan``).
+    """
+    _check_sequences(ys, height, width)
+    return _CrossMerge.apply(ys, height, width)
+
+
+def cross_scan_index(height: int, width: int, device=None) -> Tensor:
+    """(4, H*W) long: ``index[k, l]`` is the row-major position of the l-th token of direction k."""
+    grid = torch.arange(height * width, device=device).view(height, width)
+    row = grid.reshape(-1)
+    col = grid.t().reshape(-1)
+    return torch.stack([row, col, row.flip(0), col.flip(0)])
+
+
+def cross_scan_ref(x: Tensor) -> Tensor:
+    """``cross_scan`` as a gather with ``cross_scan_index`` (slow; the definition)."""
+    B, C, H, W = _check_map(x)
+    index = cross_scan_index(H, W, device=x.device)
+    return torch.stack([x.reshape(B, C, H * W)[:, :, index[k]] for k in range(NUM_DIRECTIONS)], dim=1)
+
+
+def cross_merge_ref(ys: Tensor, height: int, width: int) -> Tensor:
+    """``cross_merge`` as a scatter-add with ``cross_scan_index`` (slow; the definition)."""
+    B, C = _check_sequences(ys, height, width)
+    index = cross_scan_index(height, width, device=ys.device)
+    out = ys.new_zeros(B, C, height * width)
+    for k in range(NUM_DIRECTIONS):
+        out = out.index_add(2, index[k], ys[:, k])
+    return out.view(B, C, height, width)
