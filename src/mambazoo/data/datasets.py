@@ -143,33 +143,28 @@ class SafeImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, path: str) -> Image.Image:
-        from ..predict import load_image
-        return load_image(path)
+    def _load_or_report(self, path: str) -> Optional[Image.Image]:
+        """The image, or None for an unreadable file (logged once, remembered in ``bad_files``)."""
+        from ..predict import ImageLoadError, load_image
+        if path in self.bad_files:
+            return None
+        try:
+            return load_image(path)
+        except ImageLoadError as e:
+            self.bad_files.add(path)
+            _logger.warning('skipping unreadable image %s', e)
+            return None
 
     def __getitem__(self, index: int) -> Optional[Tuple[object, int]]:
-        from ..predict import ImageLoadError
-        if not self.substitute:
-            path, label = self.samples[index]
-            try:
-                img = self._load(path)
-            except ImageLoadError as e:
-                if path not in self.bad_files:
-                    self.bad_files.add(path)
-                    _logger.warning('skipping unreadable image %s', e)
-                return None
-            return (self.transform(img) if self.transform else img), label
-        for offset in range(len(self.samples)):
+        # Training substitutes the following readable images; evaluation drops the item (None).
+        tries = len(self.samples) if self.substitute else 1
+        for offset in range(tries):
             path, label = self.samples[(index + offset) % len(self.samples)]
-            if path in self.bad_files:
-                continue
-            try:
-                img = self._load(path)
-            except ImageLoadError as e:
-                self.bad_files.add(path)
-                _logger.warning('skipping unreadable image %s', e)
-                continue
-            return (self.transform(img) if self.transform else img), label
+            img = self._load_or_report(path)
+            if img is not None:
+                return (self.transform(img) if self.transform else img), label
+        if not self.substitute:
+            return None
         raise RuntimeError(f'no readable image in {len(self.samples)} files of the folder')
 
 

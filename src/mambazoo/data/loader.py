@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, SafeImageFolder, collate_skipping_none, fake_dataset,
                        load_digits, load_fashion_mnist)
 
-__all__ = ['DataBundle', 'build_data', 'with_mode', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_transform']
+__all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_transform']
 
 
 def derive_seed(*parts: int) -> int:
@@ -130,8 +130,7 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
     else:
         mean = tuple((model_cfg or {}).get('mean', (0.485, 0.456, 0.406)))
         std = tuple((model_cfg or {}).get('std', (0.229, 0.224, 0.225)))
-    if len(mean) != in_chans:
-        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    mean, std = match_channels(mean, std, in_chans)
     t_train = with_mode(build_transform(config, True, in_chans, mean, std, model_cfg), in_chans)
     t_val = with_mode(build_transform(config, False, in_chans, mean, std, model_cfg), in_chans)
 
@@ -158,6 +157,14 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
     classes = list(train.classes)
     num_classes = d['num_classes'] or len(classes)
     return DataBundle(train, val, num_classes, in_chans, classes, mean, std)
+
+
+def match_channels(mean, std, in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Normalisation statistics for ``in_chans`` channels (RGB statistics averaged for grayscale, and back)."""
+    mean, std = tuple(mean), tuple(std)
+    if len(mean) != in_chans:
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return mean, std
 
 
 class _ConvertMode:

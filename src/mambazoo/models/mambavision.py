@@ -523,6 +523,8 @@ def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -
 
 
 _T = dict(dim=80, in_dim=32, num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7], mlp_ratio=4)
+_B = dict(dim=128, in_dim=64, depths=[3, 3, 10, 5], num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7],
+          mlp_ratio=4, drop_path_rate=0.3, layer_scale=1e-5)
 _L = dict(dim=196, in_dim=64, num_heads=[4, 8, 16, 32], mlp_ratio=4, layer_scale=1e-5, drop_path_rate=0.3)
 _L3 = dict(dim=256, in_dim=64, num_heads=[4, 8, 16, 32], mlp_ratio=4, layer_scale=1e-5, drop_path_rate=0.5)
 
@@ -552,16 +554,14 @@ def mambavision_small(pretrained: bool = False, **kwargs: Any) -> MambaVision:
 @register_model
 def mambavision_base(pretrained: bool = False, **kwargs: Any) -> MambaVision:
     """MambaVision-B (97.7M params), ImageNet-1K."""
-    args = dict(dim=128, in_dim=64, depths=[3, 3, 10, 5], num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7],
-                mlp_ratio=4, drop_path_rate=0.3, layer_scale=1e-5)
+    args = dict(_B)
     return _create_mambavision('mambavision_base', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def mambavision_base_21k(pretrained: bool = False, **kwargs: Any) -> MambaVision:
     """MambaVision-B pre-trained on ImageNet-21K, fine-tuned on ImageNet-1K at 224."""
-    args = dict(dim=128, in_dim=64, depths=[3, 3, 10, 5], num_heads=[2, 4, 8, 16], window_size=[8, 8, 14, 7],
-                mlp_ratio=4, drop_path_rate=0.3, layer_scale=1e-5)
+    args = dict(_B)
     return _create_mambavision('mambavision_base_21k', pretrained, **dict(args, **kwargs))
 
 

@@ -82,6 +82,11 @@ def _mixup(config: Dict[str, Any], num_classes: int):
                  label_smoothing=config['loss']['label_smoothing'], num_classes=num_classes)
 
 
+def _fresh_sums() -> Dict[str, float]:
+    """Running training loss / correct / seen counts of one epoch."""
+    return {'loss': 0.0, 'correct': 0, 'seen': 0}
+
+
 def find_batch_size(step_fn, batch_size: int, accum_steps: int) -> Tuple[int, int]:
     """Shrink the per-step batch until ``step_fn(batch)`` runs without running out of memory, raising the
     accumulation so that the global batch (batch x accumulation) stays exactly the same.
@@ -294,7 +299,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     # 'epoch_sums': the running training loss/accuracy of the current epoch, so a mid-epoch resume reports the
     # same epoch figures as an uninterrupted run.
     state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_top1': -1.0, 'best_epoch': -1, 'history': [],
-             'epoch_sums': {'loss': 0.0, 'correct': 0, 'seen': 0}}
+             'epoch_sums': _fresh_sums()}
     if resume:
         path = out_dir / 'last.pth' if resume == 'auto' else Path(resume)
         if path.is_file():
@@ -343,7 +348,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     for epoch in range(state['epoch'], num_epochs):
         start_step = state['step_in_epoch'] if epoch == state['epoch'] else 0
         if start_step == 0:
-            state['epoch_sums'] = {'loss': 0.0, 'correct': 0, 'seen': 0}
+            state['epoch_sums'] = _fresh_sums()
         train_set.set_epoch(epoch)
         train_sampler.set_epoch(epoch)
         train_sampler.set_start(start_step * batch_size * accum)
@@ -372,7 +377,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
         improved = score > state['best_top1']
         if improved:
             state.update(best_top1=score, best_epoch=epoch + 1)
-        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums={'loss': 0.0, 'correct': 0, 'seen': 0})
+        state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=_fresh_sums())
         if improved:
             checkpoint(out_dir / 'best.pth', epoch + 1, 0, top1=score)  # the full state, like last.pth
         checkpoint(out_dir / 'last.pth', epoch + 1, 0)

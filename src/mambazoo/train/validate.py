@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..data.datasets import SafeImageFolder, load_digits, load_fashion_mnist
-from ..data.loader import build_loader, with_mode
+from ..data.loader import build_loader, match_channels, with_mode
 from ..models import create_model, read_checkpoint
 from .trainer import evaluate
 
@@ -27,9 +27,7 @@ def _eval_transform(model, in_chans: int, img_size: Optional[int], crop_pct: Opt
         args['interpolation'] = interpolation
     cfg = resolve_data_config(args, model=model)
     cfg['input_size'] = (in_chans,) + tuple(cfg['input_size'][1:])
-    if len(cfg['mean']) != in_chans:
-        cfg['mean'] = (sum(cfg['mean']) / len(cfg['mean']),) * in_chans
-        cfg['std'] = (sum(cfg['std']) / len(cfg['std']),) * in_chans
+    cfg['mean'], cfg['std'] = match_channels(cfg['mean'], cfg['std'], in_chans)
     return create_transform(**cfg, is_training=False), cfg
 
 
