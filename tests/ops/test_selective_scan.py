@@ -389,3 +389,38 @@ def test_inference_allocates_no_full_state_tensor(form):
         largest = largest_cpu_allocation(lambda: selective_scan_chunked(**inputs, delta_softplus=True,
                                                                         return_last_state=True))
     assert largest < math.prod(MEM_SHAPE) * 4, f'a single allocation of {largest} bytes'
+
+
+# ------------------------------------------------------------------------------ the scan's fast softplus
+
+def _softplus_inputs(dtype):
+    # Where softplus is representable in float32 (exp(-87) is near the smallest normal), around the
+    # threshold, around 0, and random values.
+    grid = torch.linspace(-87.0, 40.0, 100_003, dtype=torch.float64)
+    near = torch.cat([torch.tensor([-1e-30, 0.0, 1e-30, 19.999, 20.0, 20.001], dtype=torch.float64),
+                      torch.randn(10_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e-3])
+    return torch.cat([grid, near]).to(dtype)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_fast_softplus_equals_torch_softplus(dtype):
+    from mambazoo.ops.scan_chunked import softplus
+    x = _softplus_inputs(dtype)
+    expected = torch.nn.functional.softplus(x.double())  # threshold 20, as mamba_ssm
+    got = softplus(x).double()
+    rel = (got - expected).abs() / expected.abs().clamp(min=torch.finfo(dtype).tiny)
+    # exp2(-|x| * log2(e)) rounds its argument: a relative error of about |x| ulps, as exp of a rounded
+    # delta * A has in any scan; the log1p part adds a few ulps.
+    bound = (x.double().abs() + 4) * torch.finfo(dtype).eps
+    assert (rel <= bound).all(), (rel / bound).max().item()
+    above = x > 20
+    assert torch.equal(softplus(x)[above], x[above])  # the threshold, exactly as F.softplus
+
+
+def test_fast_softplus_gradient_equals_torch_softplus():
+    from mambazoo.ops.scan_chunked import softplus
+    x = _softplus_inputs(torch.float64).requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ours, = torch.autograd.grad(softplus(x), x, g)
+    theirs, = torch.autograd.grad(torch.nn.functional.softplus(x), x, g)
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=0)
