@@ -451,15 +451,17 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
         done = step + 1
         if progress is not None:
             progress.update(1)
-            if done % max(1, t_cfg['log_interval']) == 0 or step == steps_per_epoch - 1:
-                ips = (sums['seen'] - seen_before) / (time.perf_counter() - t0)
+        # Step logs (TensorBoard, W&B) do not depend on the progress bar being shown.
+        if done % max(1, t_cfg['log_interval']) == 0 or step == steps_per_epoch - 1:
+            ips = (sums['seen'] - seen_before) / (time.perf_counter() - t0)
+            if progress is not None:
                 postfix = {'loss': f'{sums["loss"] / done:.4f}', 'lr': f'{optimizer.param_groups[0]["lr"]:.2e}',
                            'img/s': f'{ips:.0f}'}
                 if mixup_fn is None:
                     postfix['acc'] = f'{100 * sums["correct"] / max(sums["seen"], 1):.1f}'
                 progress.set_postfix(postfix)
-                log.step(state['global_step'], {'loss': step_loss, 'lr': optimizer.param_groups[0]['lr'],
-                                                'images_per_s': ips})
+            log.step(state['global_step'], {'loss': step_loss, 'lr': optimizer.param_groups[0]['lr'],
+                                            'images_per_s': ips})
         if on_step is not None and (step + 1) % interval == 0 and step + 1 < steps_per_epoch:
             on_step(step + 1)
     if progress is not None:
