@@ -6,7 +6,8 @@ The four directions are written out here by hand (nested loops over the grid), i
 import pytest
 import torch
 
-from mambazoo.ops import cross_merge, cross_merge_ref, cross_scan, cross_scan_index, cross_scan_ref
+from mambazoo.ops import (cross_merge, cross_merge_ref, cross_merge_time_major, cross_scan, cross_scan_index,
+                          cross_scan_ref, cross_scan_time_major)
 
 SHAPES = [(1, 1, 1, 1), (2, 3, 4, 4), (2, 3, 4, 5), (1, 2, 5, 3), (2, 1, 1, 7), (1, 2, 6, 1), (2, 5, 7, 9)]
 
@@ -125,3 +126,50 @@ def test_bad_shapes_raise(call, shape, needle):
     with pytest.raises(ValueError) as info:
         call(torch.zeros(shape))
     assert needle in str(info.value) and str(tuple(shape)) in str(info.value)
+
+
+# ------------------------------------------------------------------ time-major variants (channels-last maps)
+
+@pytest.mark.parametrize('shape', [(1, 3, 4, 5), (2, 5, 3, 7), (3, 2, 1, 1)])
+def test_time_major_scan_is_the_reference_transposed(shape):
+    x = torch.randn(shape, dtype=torch.float64)  # (B, C, H, W)
+    got = cross_scan_time_major(x.permute(0, 2, 3, 1))  # from (B, H, W, C)
+    assert got.is_contiguous() and got.shape == (shape[2] * shape[3], shape[0], 4, shape[1])
+    torch.testing.assert_close(got, cross_scan_ref(x).permute(3, 0, 1, 2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape', [(1, 3, 4, 5), (2, 5, 3, 7)])
+def test_time_major_scan_of_per_direction_input_takes_each_direction_its_slice(shape):
+    B, C, H, W = shape
+    x = torch.randn(B, H, W, 4, C, dtype=torch.float64)
+    got = cross_scan_time_major(x)
+    for k in range(4):
+        expected = cross_scan_ref(x[..., k, :].permute(0, 3, 1, 2))[:, k]  # (B, C, L)
+        torch.testing.assert_close(got[:, :, k], expected.permute(2, 0, 1), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('shape', [(1, 3, 4, 5), (2, 5, 3, 7)])
+def test_time_major_merge_is_the_reference_and_the_adjoint(shape):
+    B, C, H, W = shape
+    ys = torch.randn(H * W, B, 4, C, dtype=torch.float64)
+    got = cross_merge_time_major(ys, H, W)
+    assert got.shape == (B, H, W, C)
+    torch.testing.assert_close(got, cross_merge_ref(ys.permute(1, 2, 3, 0), H, W).permute(0, 2, 3, 1),
+                               rtol=1e-12, atol=1e-12)
+    x = torch.randn(B, H, W, C, dtype=torch.float64)
+    # <scan(x), ys> == <x, merge(ys)>
+    torch.testing.assert_close((cross_scan_time_major(x) * ys).sum(), (x * got).sum(), rtol=1e-12, atol=0)
+
+
+def test_time_major_gradcheck():
+    x = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(cross_scan_time_major, (x,))
+    ys = torch.randn(6, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: cross_merge_time_major(t, 2, 3), (ys,))
+
+
+def test_time_major_bad_shapes_raise():
+    with pytest.raises(ValueError, match='cross_scan_time_major'):
+        cross_scan_time_major(torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match='cross_merge_time_major'):
+        cross_merge_time_major(torch.zeros(5, 1, 4, 2), 2, 3)

@@ -13,7 +13,7 @@ convs (patch embed "v2"), four stages of VSS blocks with a 3x3 stride-2 conv + n
 SS2D ("v05_noz"): in_proj -> depthwise 3x3 conv -> SiLU -> cross scan (four traversals of the map) ->
 per-direction projections to (dt, B, C) -> ONE selective scan over all four directions, folded into the channel
 dimension (B and C grouped per direction) -> cross merge (sum back on the grid) -> out_norm -> out_proj.
-The cross scan / merge are ops (``mambazoo.ops.cross_scan``), not part of this file.
+The cross scan / merge are ops (``mambazoo.ops.cross_scan``, time-major variants), not part of this file.
 """
 import functools
 import math
@@ -30,7 +30,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import FeatureInfo, feature_take_indices
 
-from ..ops import cross_merge, cross_scan, selective_scan
+from ..ops import cross_merge_time_major, cross_scan_time_major, selective_scan
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
@@ -55,7 +55,9 @@ class Linear2d(nn.Linear):
     """A 1x1 convolution over an NCHW map, stored as an ``nn.Linear`` (weight (out, in)), as the official one."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight[:, :, None, None], self.bias)
+        # A matrix product over the channels-last view: no copy when the map is stored channels-last (as
+        # every map after the first LayerNorm2d is), and the output is stored channels-last again.
+        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
 class Mlp(nn.Module):
@@ -195,21 +197,30 @@ class SS2D(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0. else nn.Identity()
 
     def forward_core(self, x: Tensor) -> Tensor:
-        """The four-direction scan: (B, d_inner, H, W) -> (B, d_inner, H, W), before out_norm."""
+        """The four-direction scan: (B, d_inner, H, W) -> (B, d_inner, H, W), before out_norm.
+
+        Everything runs time-major (L, B, ...), the layout the selective scan walks, built from the channels-last
+        map with copies of whole channel vectors (see ``cross_scan_time_major``); the official computation,
+        in another memory layout.
+        """
         batch, _, H, W = x.shape
         K, D, R, N = self.k_group, self.d_inner, self.dt_rank, self.d_state
         L = H * W
-        xs = cross_scan(x)  # (B, K, D, L)
-        # Per-direction projections, batched over the directions: (K, R+2N, D) @ (B, K, D, L).
-        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.matmul(self.dt_projs_weight.to(xs.dtype), dts)  # (B, K, D, L)
-        # One scan over K * D channels; B and C are grouped per direction: (B, K, N, L).
+        x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, D)
+        xs = cross_scan_time_major(x_hwc)  # (L, B, K, D)
+        # x_proj of every direction, on the row-major tokens (a per-token map: traversing afterwards is the same)
+        x_dbl = F.linear(x_hwc, self.x_proj_weight.to(x.dtype).reshape(K * (R + 2 * N), D))
+        x_dbl = cross_scan_time_major(x_dbl.view(batch, H, W, K, R + 2 * N))  # (L, B, K, R + 2N)
+        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=3)
+        # The K step-size projections (batched over directions), then into the scan's layout (L, B, K*D).
+        delta = torch.einsum('lbkr,kdr->lbkd', dts, self.dt_projs_weight.to(x.dtype)).reshape(L, batch, K * D)
         ys = selective_scan(
-            xs.view(batch, K * D, L), dts.reshape(batch, K * D, L), -torch.exp(_at_least_f32(self.A_logs)), Bs, Cs,
-            _at_least_f32(self.Ds), delta_bias=_at_least_f32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
-        )
-        return cross_merge(ys.view(batch, K, D, L), H, W)
+            xs.view(L, batch, K * D).permute(1, 2, 0), delta.permute(1, 2, 0), -torch.exp(_at_least_f32(self.A_logs)),
+            Bs.permute(1, 2, 3, 0), Cs.permute(1, 2, 3, 0), _at_least_f32(self.Ds),
+            delta_bias=_at_least_f32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
+        )  # (B, K*D, L)
+        ys = ys.permute(2, 0, 1).reshape(L, batch, K, D)
+        return cross_merge_time_major(ys, H, W).permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, d_model, H, W) -> (B, d_model, H, W)."""
@@ -441,6 +452,12 @@ class VSSM(nn.Module):
             head=nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity(),
         ))
         self.apply(self._init_weights)
+        # Maps are stored channels-last after the first norm (Linear2d and LayerNorm2d keep them so); conv
+        # kernels stored the same way are not converted again at every call (measured: 6 ms per VMamba-T
+        # forward for the last downsample's kernel alone). Values and state_dict keys are unchanged.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
 

@@ -1,5 +1,6 @@
 """Operators shared by the model families. Nothing here imports the models, the trainer or the CLI."""
-from .cross_scan import cross_merge, cross_merge_ref, cross_scan, cross_scan_index, cross_scan_ref
+from .cross_scan import (cross_merge, cross_merge_ref, cross_merge_time_major, cross_scan, cross_scan_index,
+                         cross_scan_ref, cross_scan_time_major)
 from .scan_chunked import selective_scan_chunked
 from .scan_reference import selective_scan_ref
 from .selective_scan import SCAN_BACKENDS, get_scan_backend, selective_scan, set_scan_backend
@@ -8,4 +9,5 @@ __all__ = [
     'selective_scan', 'selective_scan_ref', 'selective_scan_chunked',
     'set_scan_backend', 'get_scan_backend', 'SCAN_BACKENDS',
     'cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref',
+    'cross_scan_time_major', 'cross_merge_time_major',
 ]

@@ -21,7 +21,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref']
+__all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref',
+           'cross_scan_time_major', 'cross_merge_time_major']
 
 NUM_DIRECTIONS = 4
 
@@ -120,3 +121,44 @@ def cross_merge_ref(ys: Tensor, height: int, width: int) -> Tensor:
     for k in range(NUM_DIRECTIONS):
         out = out.index_add(2, index[k], ys[:, k])
     return out.view(B, C, height, width)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time-major variants: the layout the selective scan walks, from and to a channels-last map.
+#
+# A channels-last map (B, H, W, C) read as tokens is (H, W, B, C) up to a permutation of B; the scan wants
+# (L, B, channels) with one time step a contiguous slab. Built from channels-last memory, every copy below
+# moves whole C-vectors, never a transpose of C with L: that is what makes them cheap on a CPU.
+
+def cross_scan_time_major(x: Tensor) -> Tensor:
+    """The four traversals, time-major: (B, H, W, C) -> (L, B, 4, C) contiguous, directions as ``cross_scan``.
+
+    With a per-direction input (B, H, W, 4, C), direction k traverses its own slice x[..., k, :] (for
+    quantities computed per direction before the traversal, e.g. VMamba's x_proj on the row-major tokens).
+    """
+    if x.dim() == 4:
+        x = x.unsqueeze(3).expand(*x.shape[:3], NUM_DIRECTIONS, x.shape[3])
+    if x.dim() != 5 or x.shape[3] != NUM_DIRECTIONS:
+        raise ValueError(f'cross_scan_time_major expects (B, H, W, C) or (B, H, W, 4, C), got {tuple(x.shape)}')
+    B, H, W, _, C = x.shape
+    rows = x.permute(1, 2, 0, 3, 4)  # (H, W, B, 4, C): token order (h, w)
+    cols = x.permute(2, 1, 0, 3, 4)  # (W, H, B, 4, C): token order (w, h)
+    out = x.new_empty(H * W, B, NUM_DIRECTIONS, C)
+    out[:, :, 0].view(H, W, B, C).copy_(rows[..., 0, :])
+    out[:, :, 1].view(W, H, B, C).copy_(cols[..., 1, :])
+    out[:, :, 2].view(H, W, B, C).copy_(rows[..., 2, :].flip(0, 1))
+    out[:, :, 3].view(W, H, B, C).copy_(cols[..., 3, :].flip(0, 1))
+    return out
+
+
+def cross_merge_time_major(ys: Tensor, height: int, width: int) -> Tensor:
+    """The adjoint of ``cross_scan_time_major`` (4-D form): (L, B, 4, C) -> (B, H, W, C), the four traversals
+    put back on the grid and summed."""
+    if ys.dim() != 4 or ys.shape[2] != NUM_DIRECTIONS or ys.shape[0] != height * width:
+        raise ValueError(f'cross_merge_time_major expects (H*W, B, 4, C) = ({height * width}, B, 4, C), '
+                         f'got {tuple(ys.shape)}')
+    _, B, _, C = ys.shape
+    rows = ys[:, :, 0] + ys[:, :, 2].flip(0)  # a reversed traversal read backwards is the forward one
+    cols = ys[:, :, 1] + ys[:, :, 3].flip(0)
+    grid = rows.view(height, width, B, C) + cols.view(width, height, B, C).transpose(0, 1)
+    return grid.permute(2, 0, 1, 3)  # (B, H, W, C); a view, contiguous when B == 1

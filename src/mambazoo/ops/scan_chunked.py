@@ -178,7 +178,8 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     Every (batch, dim, L) operand is read and written one block of time steps at a time, so that the
     elementwise work (a dozen passes: softplus alone is eight) runs on cache-resident data: done on whole
     tensors, each pass streams them from memory and the scan becomes memory-bound (measured: 2 ns per element
-    and pass for a VMamba stage-1 scan, against 0.25 ns in cache). Returns y as a (batch, dim, L) tensor.
+    and pass for a VMamba stage-1 scan, against 0.25 ns in cache). Returns y (batch, dim, L), stored time-major
+    when u is.
     """
     batch, dim, length = u.shape
     N = A.shape[1]
@@ -190,8 +191,13 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     D = D.to(ct) if D is not None else None
     u_tm, delta_tm = u.permute(2, 0, 1), delta.permute(2, 0, 1)
     z_tm = z.permute(2, 0, 1) if z is not None else None
-    y = torch.empty(batch, dim, length, dtype=ct, device=u.device)
-    y_tm = y.permute(2, 0, 1)
+    # The output in the input's layout: time-major callers (the Mamba mixer, VMamba's SS2D) get a time-major y.
+    if u.permute(2, 0, 1).is_contiguous():
+        y_tm = torch.empty(length, batch, dim, dtype=ct, device=u.device)
+        y = y_tm.permute(1, 2, 0)
+    else:
+        y = torch.empty(batch, dim, length, dtype=ct, device=u.device)
+        y_tm = y.permute(2, 0, 1)
     buf = _ChunkBuffers(y, T, batch, dim, N)
     # Block buffers, reused: fresh temporaries of this size would each cost page faults.
     raw_blk, d_blk, e_blk, w_blk, u_blk, du_blk, y_blk = (y.new_empty(P, batch, dim) for _ in range(7))
