@@ -1,24 +1,31 @@
 """A fast selective scan in pure PyTorch: chunked, cache-resident, with a hand-written backward.
 
-Why this design (measured on a 2-core CPU, batch 2, dim 384, L 3136, N 16; see benchmarks/RESULTS.md):
-the cost of the reference is not arithmetic but memory: it materialises two (batch, dim, L, N) float32
-tensors (150 MB each at that size) and walks them with three small ops per step. Tree scans
-(Blelloch, Hillis-Steele) and log-space cumulative sums need several full passes over such tensors,
-which is slower still on a CPU. What is fast is to keep everything in cache:
+Why this design (measured on a 2-core CPU; see benchmarks/RESULTS.md): the cost of the reference is not
+arithmetic but memory: it materialises two (batch, dim, L, N) float32 tensors and walks them with three small
+ops per step. Tree scans (Blelloch, Hillis-Steele) and log-space cumulative sums need several full passes
+over such tensors, which is slower still on a CPU. What is fast is to keep everything in cache:
 
-* time is cut into chunks of ``chunk_size`` steps; per chunk, exp(delta*A) and delta*B*u are written
-  into two reusable (chunk, batch, dim, N) buffers (a few MB, they stay in cache);
-* the recurrence h_t = a_t * h_{t-1} + b_t runs in place in the second buffer, one fused ``addcmul``
-  per step on a (batch, dim, N) state;
-* the output of the whole chunk is one batched matmul with C;
-* only the state at each chunk boundary is kept for the backward pass, which recomputes the chunk's
-  states and runs the adjoint recurrence G_t = C_t*dy_t + a_{t+1}*G_{t+1} backwards the same way.
+* time is cut into chunks of a few steps (``auto_chunk_size``: about 128k state elements, half a MB); per
+  chunk, exp(delta*A) and delta*B*u are written into two reusable (chunk, batch, dim, N) buffers;
+* the recurrence h_t = a_t * h_{t-1} + b_t runs in place in the second buffer, one ``addcmul_`` per step on
+  a (batch, dim, N) state, through per-step views made once;
+* the chunk's output is a product with C and a sum over N (faster than a batched matmul with inner size N);
+* without autograd, the whole call (delta_bias, softplus, D, z too) runs block by block of time steps on
+  reused buffers (``_scan_inference``): every elementwise pass then reads cache, not memory;
+* with autograd, only the state at each chunk boundary is kept; the backward recomputes a chunk's states and
+  runs the adjoint recurrence G_t = C_t*dy_t + a_{t+1}*G_{t+1} backwards the same way.
+
+Transcendentals are what remains: the decays use exp2 (about three times faster than exp on CPUs) and the
+softplus is built from exp2 and log with a correction that keeps log1p's accuracy (torch's log1p and
+softplus are not vectorised there).
 
 No (batch, dim, L, N) tensor is ever allocated (except the gradient of a fixed, per-channel B or C,
 which has that shape before autograd sums it). Products of decays in [0, 1] can underflow to zero
 but never overflow, so any delta*|A| is safe (no exp of a cumulative sum).
 
-Tensors in "time-major" layout are (L, batch, ...): one time step is then a contiguous slab.
+Tensors in "time-major" layout are (L, batch, ...): one time step is then a contiguous slab. Callers that
+already hold time-major data (the Mamba mixer, VMamba's SS2D) pass (batch, dim, L) views of it: no transpose is
+made, and the output comes back time-major too.
 """
 import math
 from typing import Optional, Tuple, Union
