@@ -1,20 +1,39 @@
 #!/usr/bin/env bash
 # Set up from nothing: a local virtual environment (.venv) with mambazoo and its test tools.
 # With --data, also the bundled real dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package.
+# With --browser, also Debian's chromium, the headless browser that the demo's test drives through Playwright.
 # Idempotent: a second run only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ "${1:-}" = "--data" ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  SUDO=""
+WANT_DATA=0; WANT_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --data) WANT_DATA=1 ;;
+    --browser) WANT_BROWSER=1 ;;
+    *) echo "setup: unknown option $arg (options: --data, --browser)" >&2; exit 2 ;;
+  esac
+done
+
+# apt_install PACKAGE WHAT: install a Debian package as root (or through sudo); only a warning when that is impossible.
+apt_install() {
+  local SUDO=""
   [ "$(id -u)" = "0" ] || SUDO=$(command -v sudo || true)
   if command -v apt-get >/dev/null && { [ "$(id -u)" = "0" ] || [ -n "$SUDO" ]; }; then
-    echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
-      || echo "setup: WARNING: could not install dataset-fashion-mnist" >&2
+    echo "setup: installing $2 (Debian package $1)"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "$1" >/dev/null \
+      || echo "setup: WARNING: could not install $1" >&2
   else
-    echo "setup: WARNING: Fashion-MNIST needs Debian's apt (as root): apt-get install dataset-fashion-mnist" >&2
+    echo "setup: WARNING: $2 needs Debian's apt (as root): apt-get install $1" >&2
   fi
+}
+
+if [ "$WANT_DATA" = 1 ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  apt_install dataset-fashion-mnist Fashion-MNIST
+fi
+# Playwright drives this system browser (executable_path); `playwright install` would need the internet.
+if [ "$WANT_BROWSER" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  apt_install chromium Chromium
 fi
 
 PYTHON=${PYTHON:-}

@@ -2,10 +2,18 @@
 
 Commands:
     train --config CONFIG.yaml [--set key=value ...] [--resume]   train and validate
+    train --task detection|segmentation --config CONFIG.yaml       Faster/Mask R-CNN or FPN segmentation
     validate --model NAME [--checkpoint PATH] --data DIR          top-1/top-5, loss, images/s
     predict IMAGE... --model NAME [--checkpoint PATH] [--json]   top-k classes per image
     list [PATTERN]                                                registered model names
     random-checkpoint --model NAME --out PATH                     save randomly initialised weights
+    demo --model NAME [--checkpoint PATH] [--port N]              Gradio web demo on this machine
+    benchmark --model NAME... [--baseline NAME...] [--sweep] [--train] [--json]  images/s, latency, peak memory
+    flops --model NAME [--img-size N]                             parameters, FLOPs (MACs), published figures
+    analyze erf|activations --model NAME --data DIR [--checkpoint PATH]  ERF / activation-map PNGs
+    summary --model NAME                                          stages, blocks, shapes, parameters, FLOPs
+    show-data --data NAME|DIR                                     labelled grid of sample images, PNG
+    export --model NAME --format onnx|torchscript|folder --out PATH [--dynamic-batch] [--verify]  export a model
 """
 import argparse
 import ast
@@ -90,22 +98,57 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+_TASKS = ('classification', 'detection', 'segmentation')
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mambazoo.data import DatasetNotFoundError
     from mambazoo.train import load_config, train
     config = load_config(args.config, args.set or [])
     if args.output:
         config['train']['output'] = args.output
+    if args.task:
+        config['task'] = args.task
+    if config['task'] not in _TASKS:
+        print(f'error: task must be one of {", ".join(_TASKS)}, got {config["task"]!r}', file=sys.stderr)
+        return 2
     try:
-        result = train(config, resume=args.resume)
+        if config['task'] == 'classification':
+            result = train(config, resume=args.resume)
+        else:
+            from mambazoo.downstream.train import train_downstream
+            result = train_downstream(config, resume=args.resume)
     except DatasetNotFoundError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     if result['rank'] != 0:
         return 0
     final = result['final']
+    if config['task'] != 'classification':
+        shown = ', '.join(f'{k} {v:.4f}' for k, v in final.items() if k not in ('step', 'lr', 'elapsed_s'))
+        print(f'final ({config["task"]}, step {final.get("step")}): {shown}; best {result["metric"]} '
+              f'{result["best"]:.4f} (step {result["best_step"]}), {result["seconds"]:.0f} s')
+        return 0
     print(f'final: val top-1 {final.get("val_top1", float("nan")):.2f}%, top-5 {final.get("val_top5", float("nan")):.2f}%, '
           f'best top-1 {result["best_top1"]:.2f}% (epoch {result["best_epoch"]}), {result["seconds"]:.0f} s')
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import mambazoo
+    from mambazoo.demo import build_demo, launch, load_demo_model
+    try:
+        model, labels = load_demo_model(args.model, args.checkpoint, num_classes=args.num_classes,
+                                        model_kwargs=_parse_kwargs(args.model_kwargs))
+        demo = build_demo(model, labels)
+    except (ValueError, ImportError, mambazoo.CheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    try:
+        launch(demo, host=args.host, port=args.port)
+    except OSError as e:  # port taken, or an address this machine does not have
+        print(f'error: cannot serve the demo at {args.host}:{args.port}: {e}', file=sys.stderr)
+        return 2
     return 0
 
 
@@ -130,6 +173,216 @@ def _cmd_validate(args: argparse.Namespace) -> int:
               f'top-5 {metrics["top5"]:.2f}%, loss {metrics["loss"]:.4f}, {metrics["images_per_s"]:.0f} images/s')
         for path in metrics.get('skipped_files', []):
             print(f'  skipped unreadable image {path}', file=sys.stderr)
+    return 0
+
+
+_ANALYSIS_DIR = 'outputs/analysis'
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import torch
+    from mambazoo.analysis.benchmark import DEFAULT_SWEEP, benchmark_report, format_benchmark_table, run_benchmark
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        sweep = ','.join(map(str, DEFAULT_SWEEP)) if args.sweep == 'vim' else args.sweep
+        sizes = [int(s) for s in sweep.split(',')] if sweep else [args.img_size]
+    except ValueError:
+        print(f'error: --sweep expects comma-separated sizes, e.g. 224,512,1024; got {args.sweep!r}', file=sys.stderr)
+        return 2
+    cuda = args.device.startswith('cuda')
+    try:
+        results = run_benchmark(args.model, args.baseline or [], sizes, batch_size=args.batch_size,
+                                device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, train=args.train,
+                                latency=not args.no_latency, warmup=args.warmup if args.warmup is not None else
+                                (10 if cuda else 2), iters=args.iters or (30 if cuda else 5),
+                                model_kwargs=_parse_kwargs(args.model_kwargs),
+                                log=None if args.json else lambda m: print(m, file=sys.stderr))
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    report = benchmark_report(results, args.device)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        env = report['environment']
+        print(f'# {env["device_name"]}, torch {env["torch"]}, timm {env["timm"]}, {env["threads"]} threads, '
+              f'{results[0].precision}, batch {args.batch_size}; GFLOPs: {env["flops_convention"]}; '
+              f'peak memory: {env["memory_method"]}; "x ref": / {results[0].model} at the same size')
+        print(format_benchmark_table(results))
+    if args.out:
+        from pathlib import Path
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f'wrote {args.out}', file=sys.stderr if args.json else sys.stdout)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def _cmd_flops(args: argparse.Namespace) -> int:
+    from mambazoo.analysis.flops import CONVENTION, PUBLISHED_FLOPS, count_model_flops
+    try:
+        count, params, _ = count_model_flops(args.model, img_size=args.img_size, batch_size=args.batch_size,
+                                             **_parse_kwargs(args.model_kwargs))
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    published = PUBLISHED_FLOPS.get(args.model) if not args.model_kwargs and args.img_size in (None, 224) else None
+    report = {'model': args.model, 'img_size': args.img_size or 224, 'batch_size': args.batch_size,
+              'params': params, 'gflops': count.gflops, 'convention': CONVENTION,
+              'by_op_gflops': {k: v / 1e9 for k, v in count.by_op.items()}}
+    if published:
+        report['published'] = {'gflops': published.gflops, 'source': published.source,
+                               'excludes': list(published.excludes),
+                               'ours_in_that_convention': count.total_without(published.excludes) / 1e9,
+                               'matches': published.matches(count)}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f'{args.model} at {report["img_size"]}x{report["img_size"]}, batch {args.batch_size}: '
+          f'{params / 1e6:.2f}M parameters, {count.gflops:.3f} GFLOPs')
+    print(f'  convention: {CONVENTION}; multiply by 2 for arithmetic FLOPs')
+    print('  by operator: ' + ', '.join(f'{k} {v / 1e9:.3f}G' for k, v in
+                                         sorted(count.by_op.items(), key=lambda kv: -kv[1])))
+    if published:
+        p = report['published']
+        left_out = f' without {", ".join(published.excludes)}' if published.excludes else ''
+        print(f'  published: {published.gflops}G ({published.source}); ours{left_out}: '
+              f'{p["ours_in_that_convention"]:.3f}G ({(p["ours_in_that_convention"] / published.gflops - 1) * 100:+.1f}%)')
+    return 0
+
+
+def _analysis_model(args: argparse.Namespace):
+    """The model of an analysis command (random weights unless --checkpoint), or an error message."""
+    import mambazoo
+    try:
+        return mambazoo.create_model(args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes,
+                                     **_parse_kwargs(args.model_kwargs)), None
+    except (ValueError, mambazoo.CheckpointError) as e:
+        return None, str(e)
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from mambazoo.analysis.activations import activation_maps, load_images, save_activation_figure
+    from mambazoo.analysis.erf import compute_erf, erf_heatmap, high_contribution_area_ratio, save_erf_png
+    from mambazoo.predict import ImageLoadError
+    model, error = _analysis_model(args)
+    if model is None:
+        print(f'error: {error}', file=sys.stderr)
+        return 2
+    in_chans = _parse_kwargs(args.model_kwargs).get('in_chans')
+    try:
+        limit = args.num_images if args.num_images is not None else (8 if args.what == 'erf' else 4)
+        images, crops, files = load_images(args.data, model, img_size=args.img_size, limit=limit, in_chans=in_chans)
+        if args.what == 'erf':
+            erf = compute_erf(model, images, stage=args.stage)
+            out = Path(args.out or f'{_ANALYSIS_DIR}/{args.model}_erf_stage{args.stage}.png')
+            save_erf_png(erf, out, title=f'{args.model} ERF, stage {args.stage}, {len(files)} images '
+                                         f'{images.shape[-2]}x{images.shape[-1]}')
+            ratios = high_contribution_area_ratio(erf_heatmap(erf))
+            print('high-contribution area ratio (RepLKNet): ' + ', '.join(
+                f'{t:g}: {"-" if r is None else f"{r:.3f}"}' for t, r in ratios.items()))
+        else:
+            stages = [int(s) for s in args.stages.split(',')] if args.stages else None
+            maps = activation_maps(model, images, indices=stages, reduction=args.reduction)
+            out = Path(args.out or f'{_ANALYSIS_DIR}/{args.model}_activations.png')
+            titles = [f'stage {s} ({m.shape[-2]}x{m.shape[-1]})' for s, m in zip(stages or range(len(maps)), maps)]
+            save_activation_figure(crops, maps, out, titles=titles, alpha=args.alpha)
+    except (ValueError, FileNotFoundError, ImageLoadError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {out}')
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    import torch
+    import mambazoo
+    from dataclasses import asdict
+    from mambazoo.analysis.summary import format_summary, summarize
+    try:
+        with torch.device('meta'):  # shapes only: any size of model in a fraction of a second
+            model = mambazoo.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
+    except ValueError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    in_chans, height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))
+    if args.img_size:
+        height = width = args.img_size
+    try:
+        summary = summarize(model, (in_chans, height, width), name=args.model)
+    except (ValueError, RuntimeError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(summary), indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_show_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from mambazoo.analysis.plots import dataset_samples, save_image_grid
+    from mambazoo.data import DatasetNotFoundError, build_data
+    from mambazoo.train import load_config
+    config = load_config()
+    config['data']['img_size'] = args.img_size
+    root = Path(args.data)
+    if root.is_dir():
+        config['data'].update(name='imagefolder', path=str(root))
+        if not (root / 'train').is_dir():  # class folders right under the root: one split
+            config['data'].update(train_split='.', val_split='.')
+    else:
+        config['data']['name'] = args.data
+    try:
+        bundle = build_data(config)
+        dataset = bundle.train if args.split == 'train' else bundle.val
+        if not args.augment:
+            dataset.transform = bundle.val.transform  # the evaluation view: resize and center crop only
+        images, labels = dataset_samples(dataset, args.count, seed=args.seed)
+        out = Path(args.out or f'{_ANALYSIS_DIR}/{Path(args.data).name}_{args.split}_samples.png')
+        view = 'training augmentation' if args.augment else 'evaluation transform'
+        save_image_grid(images, [bundle.classes[i] for i in labels], out, mean=bundle.mean, std=bundle.std,
+                        title=f'{args.data} ({args.split}, {len(dataset)} images, {len(bundle.classes)} classes), '
+                              f'{view}')
+    except (DatasetNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {out}')
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import mambazoo
+    from mambazoo import export
+    if args.dynamic_batch and args.format != 'onnx':
+        print('error: --dynamic-batch applies to --format onnx only', file=sys.stderr)
+        return 2
+    model_kwargs = _parse_kwargs(args.model_kwargs)
+    if args.num_classes is not None:
+        model_kwargs['num_classes'] = args.num_classes
+    try:
+        model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                                      **model_kwargs).eval()
+        if args.format == 'onnx':
+            path = export.export_onnx(model, args.out, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
+                                      opset=args.opset, optimize=not args.no_optimize)
+        elif args.format == 'torchscript':
+            path = export.export_torchscript(model, args.out, img_size=args.img_size)
+        else:
+            path = export.export_folder(model, args.out, args.model, model_args=model_kwargs, img_size=args.img_size)
+        print(f'wrote {args.model} as {args.format} to {path}')
+        if args.verify:
+            verify = {'onnx': export.verify_onnx, 'torchscript': export.verify_torchscript,
+                      'folder': export.verify_folder}[args.format]
+            x = export.reference_image(model, args.img_size)
+            diff = verify(path, model, x)
+            print(f'verify: max abs difference to PyTorch on a real image (skimage astronaut, '
+                  f'{x.shape[-2]}x{x.shape[-1]}): {diff:.3g}')
+            if not diff <= args.tolerance:
+                print(f'error: the export differs from PyTorch by more than {args.tolerance:g}', file=sys.stderr)
+                return 1
+    except (ValueError, ImportError, mambazoo.CheckpointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 
@@ -158,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--output', help='run folder (train.output)')
     p.add_argument('--resume', nargs='?', const='auto', default=None,
                    help='resume from a checkpoint (default: the run folder\'s last.pth)')
+    p.add_argument('--task', choices=_TASKS, default=None,
+                   help="classification, or detection / segmentation on the backbone (default: the config's "
+                        "'task', classification unless it says otherwise; see docs/downstream.md)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser('validate', help='top-1/top-5 of a model on a dataset')
@@ -187,12 +443,108 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.set_defaults(func=_cmd_random_checkpoint)
+
+    p = sub.add_parser('demo', help='Gradio web demo: upload an image, see top-5 and an activation map')
+    p.add_argument('--model', help='model name (optional for checkpoints written by `mambazoo train`)')
+    p.add_argument('--checkpoint', help='local checkpoint file or folder')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
+    p.add_argument('--host', default='127.0.0.1', help='address to serve on (default: this machine only)')
+    p.add_argument('--port', type=int, default=7860)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser('benchmark', help='images/s, latency, peak memory of our models and timm models side by side')
+    p.add_argument('--model', nargs='+', required=True, help='models (mambazoo or timm names); the first is the '
+                                                             'reference of the ratios')
+    p.add_argument('--baseline', nargs='*', help='more models to compare with, e.g. timm names (deit_tiny_patch16_224)')
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--sweep', nargs='?', const='vim', metavar='SIZES',
+                   help='comma-separated input sizes (alone: the Vim paper\'s high-resolution sweep, '
+                        '224,512,640,768,1024,1248)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda[:N]')
+    p.add_argument('--amp', action='store_true', help='autocast (float16 on CUDA, bfloat16 on CPU)')
+    p.add_argument('--amp-dtype', choices=['float16', 'bfloat16'])
+    p.add_argument('--train', action='store_true', help='also time training steps (forward + backward + AdamW)')
+    p.add_argument('--no-latency', action='store_true', help='skip the batch-1 latency')
+    p.add_argument('--warmup', type=int, default=None, help='untimed runs (default 2 on CPU, 10 on CUDA)')
+    p.add_argument('--iters', type=int, default=None, help='timed runs, median taken (default 5 on CPU, 30 on CUDA)')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra arguments of the mambazoo models')
+    p.add_argument('--json', action='store_true', help='print JSON instead of the table')
+    p.add_argument('--out', help='also write the JSON report to this file')
+    p.set_defaults(func=_cmd_benchmark)
+
+    p = sub.add_parser('flops', help='parameters and FLOPs (multiply-adds, as the papers count), vs published')
+    p.add_argument('--model', required=True)
+    p.add_argument('--img-size', type=int, help='square input size (default: the model\'s, 224)')
+    p.add_argument('--batch-size', type=int, default=1)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_flops)
+
+    p = sub.add_parser('analyze', help='effective receptive field or activation maps, as PNG')
+    p.add_argument('what', choices=['erf', 'activations'])
+    p.add_argument('--model', required=True)
+    p.add_argument('--checkpoint', help='weights (random initialisation otherwise)')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
+    p.add_argument('--data', required=True, help='an image file or a folder of images (searched recursively)')
+    p.add_argument('--num-images', type=int, default=None, help='images used (default: 8 for erf, 4 for activations)')
+    p.add_argument('--img-size', type=int, help='square input size (default: the model\'s)')
+    p.add_argument('--stage', type=int, default=-1, help='erf: the stage whose centre is followed (default: last)')
+    p.add_argument('--stages', help='activations: comma-separated stages (default: all)')
+    p.add_argument('--reduction', choices=['mean_abs', 'l2'], default='mean_abs', help='activations: channel reduction')
+    p.add_argument('--alpha', type=float, default=0.5, help='activations: heatmap opacity')
+    p.add_argument('--out', help='PNG path (default: outputs/analysis/<model>_<what>.png)')
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser('summary', help='the architecture as a table: stages, blocks, shapes, parameters, FLOPs')
+    p.add_argument('--model', required=True)
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
+    p.add_argument('--json', action='store_true')
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser('show-data', help='a labelled grid of sample images of a dataset, as PNG')
+    p.add_argument('--data', default='fashion_mnist', help='fashion_mnist, digits, fake, or an ImageFolder root '
+                                                           '(holding train/ and val/)')
+    p.add_argument('--split', choices=['train', 'val'], default='train')
+    p.add_argument('--count', type=int, default=16)
+    p.add_argument('--augment', action='store_true', help='show the training augmentation (default: evaluation view)')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--out', help='PNG path (default: outputs/analysis/<data>_<split>_samples.png)')
+    p.set_defaults(func=_cmd_show_data)
+
+    p = sub.add_parser('export', help='export a model as ONNX, TorchScript or a Hugging Face style folder')
+    p.add_argument('--model', required=True, help='model name or official alias')
+    p.add_argument('--checkpoint', help='local checkpoint file or folder')
+    p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
+    p.add_argument('--format', required=True, choices=['onnx', 'torchscript', 'folder'],
+                   help='onnx (torch dynamo exporter), torchscript (traced) or folder (config.json + safetensors)')
+    p.add_argument('--out', required=True, help='output file (onnx, torchscript) or folder')
+    p.add_argument('--img-size', type=int, default=None, help='input height = width (default: the pretrained size)')
+    p.add_argument('--dynamic-batch', action='store_true', help='ONNX: a symbolic batch dimension')
+    p.add_argument('--opset', type=int, default=18, help='ONNX opset version')
+    p.add_argument('--no-optimize', action='store_true',
+                   help='ONNX: skip onnxscript\'s graph optimiser (minutes on 24-block models; ONNX Runtime '
+                        'optimises the graph itself when it loads it)')
+    p.add_argument('--verify', action='store_true',
+                   help='run the export on a real image and print the max abs difference to PyTorch')
+    p.add_argument('--tolerance', type=float, default=1e-4, help='--verify fails above this difference')
+    p.set_defaults(func=_cmd_export)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
+    from mambazoo.runtime import tune_cpu_allocator
+    tune_cpu_allocator()  # keep freed activations in the heap: fewer page faults on CPU (see runtime.py)
     return args.func(args)
 
 

@@ -3,15 +3,19 @@
 Backends:
     "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default.
     "ref"      the sequential definition (``scan_reference``); slow, for tests.
+    "parallel" a log-depth associative scan without a loop over time (``scan_parallel``); what "auto" picks
+               while a model is exported or traced (ONNX, TorchScript, torch.export).
 A Triton GPU kernel will register here as a further backend and be preferred for CUDA tensors.
 The process-wide default can be changed with ``set_scan_backend`` or the MAMBAZOO_SCAN environment variable.
 """
 import os
 from typing import Callable, Dict, Optional, Tuple, Union
 
+import torch
 from torch import Tensor
 
 from .scan_chunked import selective_scan_chunked
+from .scan_parallel import selective_scan_parallel
 from .scan_reference import selective_scan_ref
 
 __all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'SCAN_BACKENDS']
@@ -19,6 +23,7 @@ __all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'SCAN_BACKE
 SCAN_BACKENDS: Dict[str, Callable] = {
     'chunked': selective_scan_chunked,
     'ref': selective_scan_ref,
+    'parallel': selective_scan_parallel,
 }
 
 _backend: str = os.environ.get('MAMBAZOO_SCAN', 'auto')
@@ -39,7 +44,10 @@ def get_scan_backend() -> str:
 def _resolve(u: Tensor, backend: Optional[str]) -> Callable:
     name = backend or _backend
     if name == 'auto':
-        name = 'chunked'
+        # A traced Python loop over time would unroll into O(L) graph nodes: export the loop-free scan.
+        exporting = (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
+                     or torch.compiler.is_exporting())
+        name = 'parallel' if exporting else 'chunked'
     if name not in SCAN_BACKENDS:
         raise ValueError(f'unknown scan backend {name!r}; choose from auto, {", ".join(SCAN_BACKENDS)}')
     return SCAN_BACKENDS[name]

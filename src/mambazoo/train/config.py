@@ -14,6 +14,7 @@ import yaml
 __all__ = ['DEFAULTS', 'load_config', 'apply_overrides', 'merge']
 
 DEFAULTS: Dict[str, Any] = {
+    'task': 'classification',      # classification | detection | segmentation (the last two: downstream.*)
     'model': {
         'name': 'mambavision_tiny',
         'kwargs': {},              # extra constructor arguments (e.g. dims, depths for a small config)
@@ -105,10 +106,38 @@ DEFAULTS: Dict[str, Any] = {
         'device': 'auto',          # auto | cpu | cuda
         'oom_fallback': True,      # halve the per-step batch (and double accumulation) on out-of-memory
     },
+    # task detection / segmentation (mambazoo.downstream; see docs/downstream.md)
+    'downstream': {
+        'detector': 'faster_rcnn',        # faster_rcnn | mask_rcnn
+        'source': 'fashion_mnist',        # photos pasted on the canvases: fashion_mnist | digits
+        'canvas_size': 128,
+        'items': [1, 4],                  # objects per canvas (min, max)
+        'item_size': [24, 64],            # object side in pixels (min, max)
+        'train_size': 20000,              # canvases (each one composed on the fly from (seed, index))
+        'val_size': 200,
+        'channels': 3,                    # grey photos repeated to RGB for RGB backbones (1: grey)
+        'fpn_channels': 64,
+        'anchor_sizes': [16, 32, 64, 128, 256],   # one per FPN level (strides 4-64)
+        'aspect_ratios': [0.5, 1.0, 2.0],
+        'box_head_dim': 256,
+        'mask_head_dim': 64,
+        'seg_head_channels': 64,
+        'detector_kwargs': {              # more torchvision FasterRCNN / MaskRCNN arguments; these suit a few
+            'rpn_pre_nms_top_n_train': 600,   # objects per small image (torchvision's: 2000 / 2000 / 1000 /
+            'rpn_post_nms_top_n_train': 300,  # 1000 / 512 / 100, for ~800 px COCO images)
+            'rpn_pre_nms_top_n_test': 300,
+            'rpn_post_nms_top_n_test': 100,
+            'box_batch_size_per_image': 128,
+            'box_detections_per_img': 50,
+        },
+        'steps': 300,                     # optimizer steps (the schedule counts steps, not epochs)
+        'warmup_steps': 30,
+        'eval_interval': 100,             # evaluate (and save last.pth) every N steps and at the end
+    },
 }
 
 
-FREE_FORM = ('model.kwargs',)
+FREE_FORM = ('model.kwargs', 'downstream.detector_kwargs')
 
 
 def merge(base: Dict[str, Any], update: Dict[str, Any], where: str = '') -> Dict[str, Any]:

@@ -1,0 +1,518 @@
+"""CPU speed benchmark (issue "CPU speed"): our models against timm baselines and against their reference paths.
+
+One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on ``--threads`` threads (default 2):
+
+* baselines, timm with random weights: convnext_tiny, swin_tiny_patch4_window7_224, mambaout_tiny, deit_tiny;
+* ours: mambavision_tiny, vmamba_tiny, vim_tiny, mambaout_tiny (loaded with the timm baseline's weights through
+  our key converter; the two outputs are checked to agree), hybrid_tiny; the other models have random weights
+  (the speed of these networks does not depend on the values: no data-dependent branches);
+* stand-ins for the official code paths: our mambavision_tiny, vmamba_tiny and vim_tiny with the reference scan
+  (``set_scan_backend('ref')``: two (batch, dim, L, N) tensors, one step at a time, as mamba_ssm's reference), for
+  VMamba also the reference cross scan / merge (gather and scatter-add, ``cross_scan_ref`` / ``cross_merge_ref``,
+  patched into ``mambazoo.models.vmamba`` in place of its time-major fast versions), for those rows only. The
+  reference outputs are checked against the fast ones at batch 1.
+
+Batch-1 and batch-8 median latency; the models take turns within every repeat (the order reversed every other
+repeat) so that load from other processes hits all alike. Peak memory at batch 8: the growth of the resident set
+(VmHWM after a ``clear_refs`` reset, minus VmRSS before) during one forward pass, in a fresh subprocess per model,
+after a warm-up pass and ``malloc_trim``. "Scan workspace": what one call of the chunked scan allocates besides
+its output, computed from the sizes (``scan_workspace_bytes``) at the model's largest scan of the batch-8 pass
+(recorded while it runs), beside the size of one materialised (batch, dim, L, N) float32 state tensor, which
+the fast scan never makes (the reference makes two). ``mambazoo.tune_cpu_allocator()`` is applied first (in the
+memory subprocesses too), when the package has it: every model, timm's included, profits from it alike.
+Then the issue's targets, each marked met / NOT met.
+
+    .venv/bin/python benchmarks/cpu_latency.py [--threads 2] [--repeats 7] [--repeats-batch8 3] [--repeats-ref 3]
+        [--repeats-ref-batch8 1] [--models mambavision_tiny vim_tiny ...] [--no-memory] [--json PATH]
+
+``--models`` takes any of our models; each brings the baselines and the reference row its targets compare with.
+The reference rows are timed without a warm-up pass of their own (they reuse our warm modules) and, at batch 8,
+once by default (Vim-T's takes 5-25 s there). ``--repeats`` caps the other counts (``--repeats 1``: a quick run).
+
+OpenMP's wait policy is set to PASSIVE unless the environment sets one (``OMP_WAIT_POLICY=ACTIVE`` to measure
+the default): with libgomp's default spinning, a 2-thread pool on 2 cores that other processes also use stalls
+at every barrier (measured: convnext_tiny batch 1 took 1.1-1.5 s instead of 0.16 s beside another engineer's
+job), which made the whole run take 20 minutes and its timings meaningless. The header prints the policy.
+
+Run time of the full default run (the command line without options) on the project's 2-core AMD EPYC VM while
+other engineers' jobs kept the load average at 2.5-5.4: 298 s and 347 s in two runs (about 45 s batch 1,
+100 s batch 8, 150-200 s memory subprocesses); the total is printed at the end. Timings on a shared machine are noisy (that run: 2-3x slower
+than on the idle machine, and single-pass rows the noisiest): compare ratios from one run, not across runs.
+"""
+import os
+
+# Before torch loads libgomp, which reads it once (see the docstring); the memory subprocesses inherit it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import argparse
+import contextlib
+import ctypes
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+SIZE = 224
+BATCHES = (1, 8)
+MEMORY_BATCH = 8
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # unique id, also passed to the memory subprocess
+    model: str  # the model name in its library
+    source: str  # 'timm' or 'mambazoo'
+    ref: bool = False  # run with the reference scan (and, for VMamba, the reference cross scan)
+
+    @property
+    def label(self) -> str:
+        if self.source == 'timm':
+            return f'{self.model} (timm)'
+        if self.ref:
+            extra = ' + ref cross scan' if self.model.startswith('vmamba') else ''
+            return f'{self.model} (ref scan{extra})'
+        return self.model
+
+
+ROWS: Tuple[Row, ...] = (
+    Row('timm:convnext_tiny', 'convnext_tiny', 'timm'),
+    Row('timm:swin_tiny_patch4_window7_224', 'swin_tiny_patch4_window7_224', 'timm'),
+    Row('timm:mambaout_tiny', 'mambaout_tiny', 'timm'),
+    Row('timm:deit_tiny_patch16_224', 'deit_tiny_patch16_224', 'timm'),
+    Row('mambavision_tiny', 'mambavision_tiny', 'mambazoo'),
+    Row('vmamba_tiny', 'vmamba_tiny', 'mambazoo'),
+    Row('vim_tiny', 'vim_tiny', 'mambazoo'),
+    Row('mambaout_tiny', 'mambaout_tiny', 'mambazoo'),
+    Row('hybrid_tiny', 'hybrid_tiny', 'mambazoo'),
+    Row('ref:mambavision_tiny', 'mambavision_tiny', 'mambazoo', ref=True),
+    Row('ref:vmamba_tiny', 'vmamba_tiny', 'mambazoo', ref=True),
+    Row('ref:vim_tiny', 'vim_tiny', 'mambazoo', ref=True),
+)
+ROW_BY_KEY: Dict[str, Row] = {row.key: row for row in ROWS}
+OURS = tuple(row.key for row in ROWS if row.source == 'mambazoo' and not row.ref)
+
+
+@dataclass(frozen=True)
+class Target:
+    ours: str  # row key
+    other: str  # row key: the baseline, or the reference path
+    batch: int
+    kind: str  # 'time_ratio' (ours / other <= limit) or 'speedup' (other / ours >= limit)
+    limit: float
+
+
+TARGETS: Tuple[Target, ...] = (
+    Target('mambavision_tiny', 'timm:convnext_tiny', 1, 'time_ratio', 1.0),
+    Target('mambavision_tiny', 'timm:convnext_tiny', 8, 'time_ratio', 1.0),
+    Target('mambavision_tiny', 'ref:mambavision_tiny', 1, 'speedup', 1.5),
+    Target('mambavision_tiny', 'ref:mambavision_tiny', 8, 'speedup', 1.5),
+    Target('vmamba_tiny', 'timm:convnext_tiny', 1, 'time_ratio', 1.5),
+    Target('vmamba_tiny', 'ref:vmamba_tiny', 1, 'speedup', 5.0),
+    Target('vmamba_tiny', 'ref:vmamba_tiny', 8, 'speedup', 5.0),
+    Target('vmamba_tiny', 'timm:swin_tiny_patch4_window7_224', 8, 'time_ratio', 1.2),
+    Target('vim_tiny', 'timm:deit_tiny_patch16_224', 1, 'time_ratio', 2.0),
+    Target('vim_tiny', 'timm:deit_tiny_patch16_224', 8, 'time_ratio', 2.0),
+    Target('vim_tiny', 'ref:vim_tiny', 1, 'speedup', 10.0),
+    Target('vim_tiny', 'ref:vim_tiny', 8, 'speedup', 10.0),
+    Target('mambaout_tiny', 'timm:mambaout_tiny', 1, 'time_ratio', 1.05),
+    Target('mambaout_tiny', 'timm:mambaout_tiny', 8, 'time_ratio', 1.05),
+    Target('hybrid_tiny', 'timm:deit_tiny_patch16_224', 1, 'time_ratio', 1.0),
+    Target('hybrid_tiny', 'timm:deit_tiny_patch16_224', 8, 'time_ratio', 1.0),
+)
+
+
+# -- the reference ("official code path") stand-ins -----------------------------------------------------------
+
+def _cross_scan_time_major_ref(x: torch.Tensor) -> torch.Tensor:
+    """``cross_scan_time_major`` through the gather definition: (B, H, W, C) or (B, H, W, 4, C) -> (L, B, 4, C)."""
+    from mambazoo.ops import cross_scan_ref
+    if x.dim() == 4:
+        ys = cross_scan_ref(x.permute(0, 3, 1, 2))  # (B, 4, C, L)
+    else:  # one input per direction: direction k traverses its own slice
+        ys = torch.stack([cross_scan_ref(x[..., k, :].permute(0, 3, 1, 2))[:, k] for k in range(x.shape[3])], 1)
+    return ys.permute(3, 0, 1, 2).contiguous()
+
+
+def _cross_merge_time_major_ref(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``cross_merge_time_major`` through the scatter-add definition: (L, B, 4, C) -> (B, H, W, C)."""
+    from mambazoo.ops import cross_merge_ref
+    return cross_merge_ref(ys.permute(1, 2, 3, 0), height, width).permute(0, 2, 3, 1)
+
+
+@contextlib.contextmanager
+def code_path(row: Row) -> Iterator[None]:
+    """Run the row's model on the reference scan (and cross scan) inside, restoring the fast paths after."""
+    if not row.ref:
+        yield
+        return
+    from mambazoo.models import vmamba
+    from mambazoo.ops import get_scan_backend, set_scan_backend
+    previous = get_scan_backend()
+    patched = {'cross_scan_time_major': _cross_scan_time_major_ref,
+               'cross_merge_time_major': _cross_merge_time_major_ref} if row.model.startswith('vmamba') else {}
+    saved = {name: getattr(vmamba, name) for name in patched}
+    set_scan_backend('ref')
+    for name, fn in patched.items():
+        setattr(vmamba, name, fn)
+    try:
+        yield
+    finally:
+        set_scan_backend(previous)
+        for name, fn in saved.items():
+            setattr(vmamba, name, fn)
+
+
+# -- the scan's workspace --------------------------------------------------------------------------------------
+
+def scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, bc_groups: int = 1, bc_copies: int = 2,
+                         element_size: int = 4) -> int:
+    """Bytes one inference call of the chunked scan allocates besides its (batch, dim, L) output.
+
+    From ``mambazoo.ops.scan_chunked`` (keep in step with it): in ``_scan_inference``, the three (T, batch, dim, N)
+    chunk buffers of ``_ChunkBuffers`` (decays, states, the product with C), T = ``auto_chunk_size`` capped at L;
+    the seven (P, batch, dim) block buffers (raw delta, delta, two softplus scratch, u, delta*u, y) with P the
+    block of about 64k elements, a whole number of chunks; the running state h (batch, dim, N) and A*log2(e)
+    (dim, N); and in ``_time_major_bc`` the contiguous time-major copies of per-step B and C, (L, batch, G, N)
+    each (``bc_groups`` G): ``bc_copies`` of them, 0 to 2 (none is made for a B or C already time-major, e.g.
+    Vim's, nor for a fixed (dim, N) one, which is only viewed). Checked against the allocations torch's
+    profiler sees in one call: equal to the byte.
+    """
+    from mambazoo.ops.scan_chunked import auto_chunk_size
+    chunk = min(auto_chunk_size(batch, dim, d_state), length)
+    block = min(length, max(chunk, (65536 // (batch * dim)) // chunk * chunk))
+    elements = (3 * chunk * batch * dim * d_state
+                + 7 * block * batch * dim
+                + batch * dim * d_state + dim * d_state
+                + bc_copies * length * batch * bc_groups * d_state)
+    return elements * element_size
+
+
+ScanShape = Tuple[int, int, int, int, int, int]  # batch, dim, L, N, groups of B and C, copies of B and C
+
+
+def _copied_in_scan(M: torch.Tensor) -> bool:
+    """Whether the chunked scan copies B or C into time-major layout (as ``_time_major_bc`` decides)."""
+    if M.dim() == 2:
+        return False
+    return not M.permute(M.dim() - 1, *range(M.dim() - 1)).is_contiguous()  # (L, batch, [G,] N)
+
+
+@contextlib.contextmanager
+def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
+    """Append the sizes of every chunked-scan call made inside to ``shapes``."""
+    from mambazoo.ops import SCAN_BACKENDS as backends  # the dict the dispatcher reads at every call
+    fast = backends['chunked']
+
+    def recording(u, delta, A, B, C, *args, **kwargs):
+        groups = 1 if B.dim() == 3 else (B.shape[1] if B.dim() == 4 else 0)
+        copies = int(_copied_in_scan(B)) + int(_copied_in_scan(C))
+        shapes.append((u.shape[0], u.shape[1], u.shape[2], A.shape[1], groups, copies))
+        return fast(u, delta, A, B, C, *args, **kwargs)
+
+    backends['chunked'] = recording
+    try:
+        yield
+    finally:
+        backends['chunked'] = fast
+
+
+# -- building, timing, memory ----------------------------------------------------------------------------------
+
+def build(row: Row) -> torch.nn.Module:
+    import timm
+    import mambazoo
+    torch.manual_seed(0)
+    if row.source == 'timm':
+        return timm.create_model(row.model).eval()
+    return mambazoo.create_model(row.model).eval()
+
+
+def tune_allocator() -> Optional[bool]:
+    """Apply ``mambazoo.tune_cpu_allocator`` where the package has it; None where it does not."""
+    import mambazoo
+    tune = getattr(mambazoo, 'tune_cpu_allocator', None)
+    return None if tune is None else bool(tune())
+
+
+def median_latencies(passes: Dict[str, Callable[[], object]], repeats: Dict[str, int],
+                     first_outputs: Optional[Dict[str, object]] = None) -> Dict[str, Tuple[float, float]]:
+    """Median wall and median CPU seconds (all threads of this process) per pass, the passes taking turns.
+
+    Each pass runs ``repeats[key]`` times; the order is reversed every other round. The first output of each
+    pass is kept in ``first_outputs`` when given.
+    """
+    wall: Dict[str, List[float]] = {key: [] for key in passes}
+    cpu: Dict[str, List[float]] = {key: [] for key in passes}
+    keys = list(passes)
+    for round_ in range(max(repeats.values(), default=0)):
+        for key in (keys if round_ % 2 == 0 else keys[::-1]):
+            if round_ < repeats[key]:
+                c0, t0 = time.process_time(), time.perf_counter()
+                out = passes[key]()
+                wall[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.process_time() - c0)
+                if first_outputs is not None and round_ == 0:
+                    first_outputs[key] = out
+    return {key: (statistics.median(wall[key]), statistics.median(cpu[key])) for key in passes}
+
+
+def _status_bytes(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def memory_child(key: str, batch: int, threads: int) -> None:
+    """In a fresh process: print as JSON the peak resident-set growth (bytes) of one forward pass of a row."""
+    torch.set_num_threads(threads)
+    tune_allocator()
+    row = ROW_BY_KEY[key]
+    model = build(row)
+    x = torch.randn(batch, 3, SIZE, SIZE)
+    with torch.no_grad(), code_path(row):
+        # Warm-up at the measured batch: oneDNN keeps per-shape buffers (with a batch-1 warm-up convnext_tiny's
+        # growth measured 155-195 MB instead of 134-147 MB, mambavision_tiny's 52-59 MB instead of 79-84 MB).
+        model(x)
+        try:
+            ctypes.CDLL('libc.so.6').malloc_trim(0)  # hand freed heap back, so that the next pass faults it in
+        except OSError:
+            pass
+        before = _status_bytes('VmRSS:')
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset VmHWM (the peak RSS) to the current RSS
+        model(x)
+        peak = _status_bytes('VmHWM:')
+    print(json.dumps({'peak_bytes': peak - before}))
+
+
+def peak_memory_mb(key: str, batch: int, threads: int) -> float:
+    """Peak RSS growth in MB of one forward pass, in a fresh process; NaN (with a note) if it failed."""
+    cmd = [sys.executable, os.path.abspath(__file__), '--memory-child', key, str(batch), str(threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])['peak_bytes'] / 2 ** 20
+    except (IndexError, ValueError, KeyError):
+        print(f'# peak memory of {key} at batch {batch} not measured: {result.stderr[-300:]}', file=sys.stderr)
+        return float('nan')
+
+
+# -- the report ------------------------------------------------------------------------------------------------
+
+def machine_line(threads: int, allocator: Optional[bool]) -> str:
+    import timm
+    import mambazoo
+    from mambazoo.ops import get_scan_backend
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    alloc = {None: 'absent', True: 'applied', False: 'not applied (not glibc)'}[allocator]
+    return (f'# {cpu}, {os.cpu_count()} CPUs ({usable} usable), Python {platform.python_version()}, '
+            f'torch {torch.__version__}, timm {timm.__version__}, mambazoo {mambazoo.__version__}, '
+            f'{torch.get_num_threads()} threads, scan backend {get_scan_backend()!r}, '
+            f'tune_cpu_allocator {alloc}, OMP_WAIT_POLICY {os.environ.get("OMP_WAIT_POLICY", "unset")}, '
+            f'load average {_load_average()}')
+
+
+def _load_average() -> str:
+    try:
+        with open('/proc/loadavg') as f:
+            return ' '.join(f.read().split()[:3])
+    except OSError:
+        return 'unknown'
+
+
+def _mb(nbytes: float) -> str:
+    return f'{nbytes / 2 ** 20:.1f}'
+
+
+def select_rows(names: Optional[Sequence[str]]) -> List[Row]:
+    """The rows for ``--models``: each of our models brings the baselines and reference row of its targets."""
+    if not names:
+        return list(ROWS)
+    aliases = {row.model: row.key for row in ROWS if row.source == 'timm' and row.model not in OURS}
+    wanted = set()
+    for name in names:
+        key = name if name in ROW_BY_KEY else aliases.get(name)
+        if key is None:
+            raise SystemExit(f'unknown model {name!r}; choose from {", ".join(OURS)} (they bring their baselines), '
+                             f'or a row: {", ".join(ROW_BY_KEY)}')
+        wanted.add(key)
+        for target in TARGETS:
+            if target.ours == key:
+                wanted.add(target.other)
+    return [row for row in ROWS if row.key in wanted]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=7, help='timed passes per model at batch 1')
+    parser.add_argument('--repeats-batch8', type=int, default=3, help='timed passes per model at batch 8')
+    parser.add_argument('--repeats-ref', type=int, default=3, help='timed passes of the reference-path rows, batch 1')
+    parser.add_argument('--repeats-ref-batch8', type=int, default=1,
+                        help='timed passes of the reference-path rows at batch 8 (seconds each)')
+    parser.add_argument('--models', nargs='+', metavar='NAME', help=f'a subset: any of {", ".join(OURS)} (each '
+                        'brings its baselines and reference path), or row names')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
+    parser.add_argument('--memory-child', nargs=3, metavar=('ROW', 'BATCH', 'THREADS'), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        key, batch, threads = args.memory_child
+        memory_child(key, int(batch), int(threads))
+        return
+    for option in ('threads', 'repeats', 'repeats_batch8', 'repeats_ref', 'repeats_ref_batch8'):
+        if getattr(args, option) < 1:
+            raise SystemExit(f'--{option.replace("_", "-")} must be at least 1')
+    # --repeats caps the others: `--repeats 1` is a quick run
+    args.repeats_batch8, args.repeats_ref, args.repeats_ref_batch8 = (
+        min(args.repeats, r) for r in (args.repeats_batch8, args.repeats_ref, args.repeats_ref_batch8))
+
+    start = time.perf_counter()
+    rows = select_rows(args.models)
+    torch.set_num_threads(args.threads)
+    allocator = tune_allocator()
+    print(machine_line(args.threads, allocator))
+    print(f'# float32, eval, no_grad, {SIZE}x{SIZE}; medians of {args.repeats} (batch 1) / {args.repeats_batch8} '
+          f'(batch 8) passes after one warm-up, of {args.repeats_ref} / {args.repeats_ref_batch8} for the reference '
+          f'rows (the same modules, warm already); the models take turns', flush=True)
+
+    import mambazoo
+    models: Dict[str, torch.nn.Module] = {}
+    for row in rows:
+        if row.ref and row.model in models:
+            continue
+        models[row.model if row.source == 'mambazoo' else row.key] = build(row)
+    model_of = {row.key: models[row.model if row.source == 'mambazoo' else row.key] for row in rows}
+    notes: List[str] = []
+    probe = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    if 'mambaout_tiny' in model_of and 'timm:mambaout_tiny' in model_of:
+        mambazoo.load_checkpoint(model_of['mambaout_tiny'], model_of['timm:mambaout_tiny'].state_dict())
+        with torch.no_grad():
+            diff = (model_of['mambaout_tiny'](probe) - model_of['timm:mambaout_tiny'](probe)).abs().max().item()
+        if diff > 1e-4:
+            raise SystemExit(f'mambaout_tiny: ours and timm\'s differ by {diff:.2e} on the same weights')
+        notes.append(f'mambaout_tiny: timm\'s weights loaded into ours, max |logit difference| {diff:.1e}')
+
+    latency: Dict[int, Dict[str, Tuple[float, float]]] = {}
+    scan_shapes: Dict[str, List[ScanShape]] = {}
+    for batch in BATCHES:
+        x = torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        passes: Dict[str, Callable[[], object]] = {}
+        for row in rows:
+            def run(model=model_of[row.key], row=row):
+                with code_path(row):
+                    return model(x)
+            passes[row.key] = run
+        with torch.no_grad():
+            for row in rows:  # warm-up; the batch-8 pass of ours records its scans
+                if row.ref:
+                    continue  # the same modules as our rows, already warm: their passes take seconds
+                shapes: List[ScanShape] = []
+                with record_scan_shapes(shapes):
+                    passes[row.key]()
+                if batch == MEMORY_BATCH and shapes:
+                    scan_shapes[row.key] = shapes
+            repeats = {row.key: (args.repeats if batch == 1 else args.repeats_batch8) if not row.ref else
+                                (args.repeats_ref if batch == 1 else args.repeats_ref_batch8) for row in rows}
+            outputs: Dict[str, object] = {}
+            latency[batch] = median_latencies(passes, repeats, outputs if batch == 1 else None)
+        for row in rows:  # the reference paths compute the same function
+            if row.ref and row.model in outputs:
+                diff = (outputs[row.key] - outputs[row.model]).abs().max().item()
+                notes.append(f'{row.label}: max |logit difference| to the fast path {diff:.1e}')
+        del outputs
+        print(f'# batch {batch} timed ({time.perf_counter() - start:.0f} s so far, load average '
+              f'{_load_average()})', flush=True)
+
+    memory: Dict[str, float] = {}
+    if not args.no_memory:
+        for row in rows:
+            memory[row.key] = peak_memory_mb(row.key, MEMORY_BATCH, args.threads)
+        print(f'# peak memory measured ({time.perf_counter() - start:.0f} s so far)', flush=True)
+
+    # The largest scan of each of our models (by the size of its state tensor) and its workspace.
+    scans = {}
+    for key, shapes in scan_shapes.items():
+        b, d, length, n, groups, copies = max(shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
+        scans[key] = dict(batch=b, dim=d, length=length, d_state=n, bc_groups=groups, bc_copies=copies,
+                          calls=len(shapes), workspace_bytes=scan_workspace_bytes(b, d, length, n, groups, copies),
+                          state_tensor_bytes=b * d * length * n * 4)
+
+    print()
+    print(f'| model | batch 1 ms | batch 8 ms | batch 8 img/s | peak MB, batch 8 | largest scan (B, D, L, N), '
+          f'batch 8 | scan workspace MB | one (B, D, L, N) fp32 tensor MB |')
+    print('|---|---|---|---|---|---|---|---|')
+    for row in rows:
+        b1, b8 = latency[1][row.key][0], latency[8][row.key][0]
+        mem = f'{memory[row.key]:.1f}' if row.key in memory else '-'
+        scan_key = row.model if row.ref else row.key
+        if scan_key in scans:
+            s = scans[scan_key]
+            shape = f'({s["batch"]}, {s["dim"]}, {s["length"]}, {s["d_state"]})'
+            state = _mb(s['state_tensor_bytes'])
+            # the reference materialises decays and inputs, two such tensors, at every scan
+            work = f'>= {_mb(2 * s["state_tensor_bytes"])} (2 state tensors)' if row.ref else _mb(s['workspace_bytes'])
+        else:
+            shape = work = state = '-'
+        print(f'| {row.label} | {b1 * 1e3:.1f} | {b8 * 1e3:.1f} | {8 / b8:.2f} | {mem} | {shape} | {work} | {state} |')
+
+    print()
+    print('| target | batch | ours ms | other ms | measured (wall) | measured (CPU time) | required | met |')
+    print('|---|---|---|---|---|---|---|---|')
+    target_results = []
+    for t in TARGETS:
+        if t.ours not in ROW_BY_KEY or t.ours not in latency[t.batch] or t.other not in latency[t.batch]:
+            continue
+        (ours_wall, ours_cpu), (other_wall, other_cpu) = latency[t.batch][t.ours], latency[t.batch][t.other]
+        other_label = ROW_BY_KEY[t.other].label
+        if t.kind == 'time_ratio':
+            wall, cpu_ratio = ours_wall / other_wall, ours_cpu / other_cpu
+            met = wall <= t.limit
+            what, required = f'{t.ours} / {other_label}', f'<= {t.limit:g}x'
+        else:
+            wall, cpu_ratio = other_wall / ours_wall, other_cpu / ours_cpu
+            met = wall >= t.limit
+            what, required = f'{t.ours} speed-up over {other_label}', f'>= {t.limit:g}x'
+        target_results.append(dict(ours=t.ours, other=t.other, batch=t.batch, kind=t.kind, limit=t.limit,
+                                   measured=wall, measured_cpu=cpu_ratio, met=met))
+        print(f'| {what} | {t.batch} | {ours_wall * 1e3:.1f} | {other_wall * 1e3:.1f} | {wall:.2f}x | '
+              f'{cpu_ratio:.2f}x | {required} | {"met" if met else "NOT met"} |')
+
+    elapsed = time.perf_counter() - start
+    print()
+    for note in notes:
+        print(f'# {note}')
+    print(f'# scan workspace: scan_workspace_bytes of the recorded sizes (groups / copies of B and C: '
+          + ', '.join(f'{k} {s["bc_groups"]}/{s["bc_copies"]}' for k, s in scans.items())
+          + '); peak memory is the growth during a pass, without the weights')
+    print(f'# total {elapsed:.0f} s, load average at the end {_load_average()} on {os.cpu_count()} CPUs')
+
+    if args.json:
+        result = dict(
+            machine=machine_line(args.threads, allocator).lstrip('# '), threads=args.threads, size=SIZE,
+            repeats=dict(batch1=args.repeats, batch8=args.repeats_batch8, ref_batch1=args.repeats_ref,
+                         ref_batch8=args.repeats_ref_batch8),
+            rows=[dict(key=row.key, label=row.label,
+                       latency_ms={str(b): latency[b][row.key][0] * 1e3 for b in BATCHES},
+                       cpu_ms={str(b): latency[b][row.key][1] * 1e3 for b in BATCHES},
+                       peak_mb_batch8=memory.get(row.key)) for row in rows],
+            scans=scans, targets=target_results, notes=notes, elapsed_s=elapsed)
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()
