@@ -144,7 +144,8 @@ def test_folder_round_trip_through_create_model(name, tmp_path):
     assert cfg['mean'] == list(model.pretrained_cfg['mean']) and cfg['std'] == list(model.pretrained_cfg['std'])
     assert len(cfg['input_size']) == 3
 
-    reloaded = mambazoo.create_model(name, checkpoint_path=folder, **config['model_args']).eval()
+    # The folder's config.json supplies the model arguments: the name and the folder are enough.
+    reloaded = mambazoo.create_model(name, checkpoint_path=folder).eval()
     original, again = model.state_dict(), reloaded.state_dict()
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) for k in original)
@@ -215,3 +216,11 @@ def test_torch_compile_inductor_matches_eager(name):
     compiled = torch.compile(model, backend='inductor')
     got = eager(compiled, x)
     assert (got - eager(model, x)).abs().max().item() <= TOL
+
+
+def test_folder_with_a_corrupt_config_is_a_clear_error(tmp_path):
+    model = build('mambaout_femto')
+    folder = export.export_folder(model, tmp_path / 'femto', 'mambaout_femto')
+    (folder / 'config.json').write_text('{"model_args": ')
+    with pytest.raises(mambazoo.CheckpointError, match='config.json'):
+        mambazoo.create_model('mambaout_femto', checkpoint_path=folder)

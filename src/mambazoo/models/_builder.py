@@ -9,6 +9,7 @@ the local Hugging Face cache and downloads it only when a network is allowed (ne
 """
 import argparse
 import fnmatch
+import json
 import logging
 import os
 import pickle
@@ -99,7 +100,24 @@ def create_model(
         **kwargs: model arguments (num_classes, in_chans, drop_path_rate, features_only, out_indices, ...).
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if checkpoint_path is not None:
+        # A folder written by `mambazoo export --format folder` records the model's arguments in config.json
+        # (the Hugging Face hub layout): they are the defaults here, explicit arguments still win.
+        kwargs = {**_folder_model_args(Path(checkpoint_path)), **kwargs}
     return _entrypoints[resolve_name(name)](pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+
+
+def _folder_model_args(path: Path) -> Dict[str, Any]:
+    config = path / 'config.json'
+    if not (path.is_dir() and config.is_file()):
+        return {}
+    try:
+        model_args = json.loads(config.read_text()).get('model_args') or {}
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f'unreadable config.json in {path}: {e}') from e
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"config.json in {path}: 'model_args' must be a mapping, got {type(model_args).__name__}")
+    return model_args
 
 
 # ---------------------------------------------------------------------------------------------------------
