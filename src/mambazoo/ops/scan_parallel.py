@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan_reference import check_scan_args, compute_dtype
+from .scan_reference import prepare_scan_inputs, skip_and_gate
 
 __all__ = ['selective_scan_parallel']
 
@@ -83,23 +83,13 @@ def selective_scan_parallel(
     Returns:
         out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype if asked.
     """
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
-    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, ct = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dim = u.shape[1]
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
 
     decay = torch.exp(delta[..., None] * A[:, None, :])  # (batch, dim, L, N)
     drive = (delta * u)[..., None] * _per_channel_steps(B.to(ct), dim)
     states = _associative_scan(decay, drive)
     y = (states * _per_channel_steps(C.to(ct), dim)).sum(-1)
-    if D is not None:
-        y = y + u * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(dtype_in)
+    y = skip_and_gate(y, u, D, z, ct).to(dtype_in)
     return (y, states[:, :, -1]) if return_last_state else y

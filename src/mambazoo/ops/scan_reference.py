@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ['selective_scan_ref', 'compute_dtype', 'check_scan_args']
+__all__ = ['selective_scan_ref', 'compute_dtype', 'check_scan_args', 'prepare_scan_inputs', 'skip_and_gate']
 
 
 def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -62,6 +62,30 @@ def check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         raise ValueError(f'z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}')
 
 
+def prepare_scan_inputs(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                        z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, torch.dtype]:
+    """Checked u, delta (bias and softplus applied) and A in the compute dtype, and that dtype: the common start
+    of the whole-tensor scans."""
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(ct)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta, A, ct
+
+
+def skip_and_gate(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor], ct: torch.dtype) -> Tensor:
+    """y + u * D, then times silu(z): the common end of the whole-tensor scans."""
+    if D is not None:
+        y = y + u * D.to(ct)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(ct))
+    return y
+
+
 def _per_channel(M: Tensor, dim: int) -> Tensor:
     """B or C as (batch or 1, dim, N, L or 1): one row per channel, grouped layouts repeated over their group."""
     if M.dim() == 2:  # (dim, N): the same for every batch and step
@@ -93,15 +117,9 @@ def selective_scan_ref(
     Returns:
         out (batch, dim, L) in u's dtype, and the last state (batch, dim, N) in the compute dtype if asked.
     """
-    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     dtype_in = u.dtype
-    ct = compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+    u, delta, A, ct = prepare_scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     dim = u.shape[1]
-    u, delta, A = u.to(ct), delta.to(ct), A.to(ct)
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(ct)[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
     B_ch, C_ch = _per_channel(B.to(ct), dim), _per_channel(C.to(ct), dim)
 
     # As mamba_ssm's reference does: both (batch, dim, L, N) factors up front, then one step per position.
@@ -112,10 +130,5 @@ def selective_scan_ref(
     for t in range(u.shape[2]):
         h = decay[:, :, t] * h + drive[:, :, t]
         ys.append((h * C_ch[..., min(t, C_ch.shape[-1] - 1)]).sum(-1))
-    y = torch.stack(ys, dim=2)
-    if D is not None:
-        y = y + u * D.to(ct)[:, None]
-    if z is not None:
-        y = y * F.silu(z.to(ct))
-    y = y.to(dtype_in)
+    y = skip_and_gate(torch.stack(ys, dim=2), u, D, z, ct).to(dtype_in)
     return (y, h) if return_last_state else y
