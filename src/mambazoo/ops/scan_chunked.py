@@ -154,9 +154,10 @@ def _contract_c(hs: Tensor, C_chunk: Tensor, out: Tensor, prod: Optional[Tensor]
     torch.sum(prod, dim=-1, out=out.view(n, batch, g, dim // g))
 
 
-def _scan_forward(u_tm: Tensor, d_tm: Tensor, A: Tensor, B_tm: Tensor, C_tm: Tensor, chunk_size: int,
-                  keep_chunk_states: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The scan on time-major (L, batch, dim) inputs: returns y (L, batch, dim), the last state, chunk states."""
+def _scan_forward(u_tm: Tensor, d_tm: Tensor, A: Tensor, B_tm: Tensor, C_tm: Tensor,
+                  chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The scan on time-major (L, batch, dim) inputs, for autograd: returns y (L, batch, dim), the last state and
+    the state at each chunk start (what the backward recomputes from)."""
     length, batch, dim = u_tm.shape
     N = A.shape[1]
     T = min(chunk_size, length)
@@ -165,12 +166,11 @@ def _scan_forward(u_tm: Tensor, d_tm: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     buf = _ChunkBuffers(u_tm, T, batch, dim, N)
     y_tm = u_tm.new_empty(length, batch, dim)
     starts = list(range(0, length, T))
-    chunk_states = u_tm.new_empty(len(starts), batch, dim, N) if keep_chunk_states else None
+    chunk_states = u_tm.new_empty(len(starts), batch, dim, N)
     h = u_tm.new_zeros(batch, dim, N)
     for c, s in enumerate(starts):
         e = min(s + T, length)
-        if chunk_states is not None:
-            chunk_states[c] = h
+        chunk_states[c] = h
         _chunk_states(buf, d_tm, du_tm, A_log2e, B_tm, h, s, e)
         _contract_c(buf.h[:e - s], C_tm[s:e], y_tm[s:e], buf.prod)
         h = buf.h[e - s - 1].clone()
@@ -254,7 +254,7 @@ class _ChunkedScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u_tm, d_tm, A, B_tm, C_tm, chunk_size):
         with torch.autocast(device_type=u_tm.device.type, enabled=False):
-            y_tm, last, chunk_states = _scan_forward(u_tm, d_tm, A, B_tm, C_tm, chunk_size, keep_chunk_states=True)
+            y_tm, last, chunk_states = _scan_forward(u_tm, d_tm, A, B_tm, C_tm, chunk_size)
         ctx.save_for_backward(u_tm, d_tm, A, B_tm, C_tm, chunk_states)
         ctx.chunk_size = chunk_size
         return y_tm, last
@@ -350,10 +350,11 @@ def selective_scan_chunked(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias))
     with torch.autocast(device_type=u.device.type, enabled=False):
+        A = A.to(ct)
+        B_tm = _time_major_bc(B.to(ct), batch, dim, length)
+        C_tm = _time_major_bc(C.to(ct), batch, dim, length)
         if not needs_grad:
-            y, last = _scan_inference(u, delta, A.to(ct), _time_major_bc(B.to(ct), batch, dim, length),
-                                      _time_major_bc(C.to(ct), batch, dim, length), D, z, delta_bias,
-                                      delta_softplus, chunk_size, ct)
+            y, last = _scan_inference(u, delta, A, B_tm, C_tm, D, z, delta_bias, delta_softplus, chunk_size, ct)
             y = y.to(dtype_in)
             return (y, last) if return_last_state else y
         # Everything runs time-major (L, batch, dim).
@@ -363,9 +364,6 @@ def selective_scan_chunked(
             d_tm = d_tm + delta_bias.to(ct)
         if delta_softplus:
             d_tm = softplus(d_tm)
-        A = A.to(ct)
-        B_tm = _time_major_bc(B.to(ct), batch, dim, length)
-        C_tm = _time_major_bc(C.to(ct), batch, dim, length)
         y_tm, last = _ChunkedScanFn.apply(u_tm, d_tm, A, B_tm, C_tm, chunk_size)
         if D is not None:
             y_tm = y_tm + u_tm * D.to(ct)
