@@ -6,6 +6,13 @@ import pytest
 
 os.environ['HF_HUB_OFFLINE'] = '1'  # before anything imports huggingface_hub
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors; the variable must be set
+    # before the kernels are defined (mambazoo imports them at their first use).
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
 
 

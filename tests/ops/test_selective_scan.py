@@ -332,7 +332,7 @@ BAD_ARGS = {
 }
 
 
-@pytest.mark.parametrize('backend', ['chunked', 'ref'])
+@pytest.mark.parametrize('backend', ['chunked', 'ref', 'parallel', 'triton'])
 @pytest.mark.parametrize('case', list(BAD_ARGS), ids=str)
 def test_bad_arguments_raise_naming_the_argument(case, backend):
     make, exc, pattern = BAD_ARGS[case]

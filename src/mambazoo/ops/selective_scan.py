@@ -5,7 +5,8 @@ Backends:
     "ref"      the sequential definition (``scan_reference``); slow, for tests.
     "parallel" a log-depth associative scan without a loop over time (``scan_parallel``); what "auto" picks
                while a model is exported or traced (ONNX, TorchScript, torch.export).
-A Triton GPU kernel will register here as a further backend and be preferred for CUDA tensors.
+    "triton"   fused Triton kernels (``scan_triton``), a registered custom op; what "auto" picks for CUDA tensors
+               (not float64) when Triton is importable.
 The process-wide default can be changed with ``set_scan_backend`` or the MAMBAZOO_SCAN environment variable.
 """
 import os
@@ -17,6 +18,7 @@ from torch import Tensor
 from .scan_chunked import selective_scan_chunked
 from .scan_parallel import selective_scan_parallel
 from .scan_reference import selective_scan_ref
+from .scan_triton import selective_scan_triton, triton_available
 
 __all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'SCAN_BACKENDS']
 
@@ -24,6 +26,7 @@ SCAN_BACKENDS: Dict[str, Callable] = {
     'chunked': selective_scan_chunked,
     'ref': selective_scan_ref,
     'parallel': selective_scan_parallel,
+    'triton': selective_scan_triton,
 }
 
 _backend: str = os.environ.get('MAMBAZOO_SCAN', 'auto')
@@ -47,7 +50,12 @@ def _resolve(u: Tensor, backend: Optional[str]) -> Callable:
         # A traced Python loop over time would unroll into O(L) graph nodes: export the loop-free scan.
         exporting = (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
                      or torch.compiler.is_exporting())
-        name = 'parallel' if exporting else 'chunked'
+        if exporting:
+            name = 'parallel'
+        elif u.is_cuda and u.dtype != torch.float64 and triton_available():
+            name = 'triton'
+        else:
+            name = 'chunked'
     if name not in SCAN_BACKENDS:
         raise ValueError(f'unknown scan backend {name!r}; choose from auto, {", ".join(SCAN_BACKENDS)}')
     return SCAN_BACKENDS[name]
