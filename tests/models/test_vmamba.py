@@ -8,6 +8,7 @@ d_state 2) at small resolutions so the whole file stays fast on a CPU.
 """
 import copy
 import functools
+import importlib
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from mambazoo.models import VSSM
 from mambazoo.models import vmamba as vm
 from mambazoo.models.vmamba import VSSMBackbone, checkpoint_filter_fn
 from mambazoo.ops import cross_merge, cross_scan_index, selective_scan_ref
+cross_scan_ops = importlib.import_module("mambazoo.ops.cross_scan")  # the module (the package exports a function of that name)
 
 FIXTURES = Path(__file__).parents[2].parent / 'shared' / 'fixtures' / 'vmamba'
 # Key-list fixture -> our name, and the official names that must build the same architecture.
@@ -284,14 +286,14 @@ def test_released_configuration_hyper_parameters():
 def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(monkeypatch):
     model = small_model().eval()
     calls = []
-    real = vm.selective_scan
+    real = cross_scan_ops.selective_scan  # what cross_selective_scan calls on a CPU
 
     def spy(u, delta, A, B, C, D=None, **kwargs):
         calls.append(dict(u=tuple(u.shape), delta=tuple(delta.shape), A=tuple(A.shape), B=tuple(B.shape),
                           C=tuple(C.shape), D=tuple(D.shape), kwargs=sorted(kwargs)))
         return real(u, delta, A, B, C, D, **kwargs)
 
-    monkeypatch.setattr(vm, 'selective_scan', spy)
+    monkeypatch.setattr(cross_scan_ops, 'selective_scan', spy)
     with torch.no_grad():
         model(images(2, 3, 64, 96))
     assert len(calls) == sum(SMALL['depths'])

@@ -16,7 +16,7 @@ from mambazoo.ops import scan_triton
 from mambazoo.ops.scan_triton import scan_chunk_length, selective_scan_triton
 from test_selective_scan import (NAMES, TOL, assert_rel_close, cast, cotangents_for, form_id, make_inputs,
                                  scan_and_grads)
-from mambazoo.ops import selective_scan_ref
+from mambazoo.ops import cross_selective_scan, selective_scan_ref
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get('TRITON_INTERPRET') != '1',
@@ -129,7 +129,7 @@ def test_custom_op_passes_opcheck():
     args = [inputs[k] for k in NAMES]
     for t in args:
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.mambazoo.selective_scan_fwd.default, (*args, True),
+    torch.library.opcheck(torch.ops.mambazoo.selective_scan_fwd.default, (*args, True, 0, 0),
                           test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))
 
 
@@ -157,3 +157,57 @@ def test_rejects_float64_and_cpu_without_interpreter(monkeypatch):
         monkeypatch.delenv('TRITON_INTERPRET')
         with pytest.raises(ValueError, match='CUDA tensors'):
             selective_scan_triton(**cast(inputs, torch.float32))
+
+
+# ----------------------------------------------------------------------------- the fused cross scan (VMamba)
+
+def cross_inputs(batch, height, width, d_inner, n_state, rank, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return dict(x=randn(batch, height, width, d_inner), dts=randn(batch, height, width, 4, rank),
+                dt_weight=randn(4, d_inner, rank, scale=0.5), A=-torch.rand(4 * d_inner, n_state, generator=gen,
+                                                                          dtype=torch.float64) - 0.1,
+                B=randn(batch, height, width, 4, n_state), C=randn(batch, height, width, 4, n_state),
+                D=randn(4 * d_inner), delta_bias=randn(4 * d_inner, scale=0.5))
+
+
+@pytest.mark.parametrize('height, width, n_state', [(12, 13, 1), (5, 3, 3)])
+def test_fused_cross_scan_matches_composed_reference(height, width, n_state):
+    # H != W catches a swapped traversal; 12 x 13 = 156 steps spans two chunks
+    inputs = cross_inputs(2, height, width, 6, n_state, 3, seed=height)
+    seen = cast(inputs, torch.float32)
+    x = {k: v.clone().requires_grad_() for k, v in seen.items()}
+    x_ref = {k: v.double().requires_grad_() for k, v in seen.items()}
+    y = cross_selective_scan(**x, delta_softplus=True, backend='triton')
+    y_ref = cross_selective_scan(**x_ref, delta_softplus=True, backend='ref')
+    assert y.shape == (2, height, width, 6) and y.dtype == torch.float32
+    assert_rel_close(y, y_ref, TOL[torch.float32])
+    cot = torch.randn(y_ref.shape, dtype=torch.float64)
+    (y * cot.float()).sum().backward()
+    (y_ref * cot).sum().backward()
+    for key in inputs:
+        assert_rel_close(x[key].grad, x_ref[key].grad, 1e-4, f'grad {key}')
+
+
+def test_fused_cross_scan_reads_channels_first_maps_in_place():
+    # VMamba hands over x.permute(0, 2, 3, 1) of an NCHW map: strided, not copied
+    inputs = cast(cross_inputs(1, 4, 6, 5, 2, 2, seed=1), torch.float32)
+    inputs['x'] = inputs['x'].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    y = cross_selective_scan(**inputs, delta_softplus=True, backend='triton')
+    y_ref = cross_selective_scan(**cast(inputs, torch.float64), delta_softplus=True, backend='ref')
+    assert_rel_close(y, y_ref, TOL[torch.float32])
+
+
+def test_cross_op_passes_opcheck():
+    inputs = cast(cross_inputs(1, 3, 4, 2, 2, 2, seed=2), torch.float32)
+    L = 12
+    u = inputs['x'].reshape(1, L, 2).transpose(1, 2)
+    delta = torch.randn(1, L, 8).transpose(1, 2)
+    B = inputs['B'].reshape(1, L, 4, 2).permute(0, 2, 3, 1)
+    C = inputs['C'].reshape(1, L, 4, 2).permute(0, 2, 3, 1)
+    args = [t.requires_grad_() for t in (u, delta, inputs['A'], B, C, inputs['D'])]
+    torch.library.opcheck(torch.ops.mambazoo.selective_scan_fwd.default,
+                          (*args, None, inputs['delta_bias'].requires_grad_(), True, 3, 4),
+                          test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))

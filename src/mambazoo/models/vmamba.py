@@ -13,7 +13,7 @@ convs (patch embed "v2"), four stages of VSS blocks with a 3x3 stride-2 conv + n
 SS2D ("v05_noz"): in_proj -> depthwise 3x3 conv -> SiLU -> cross scan (four traversals of the map) ->
 per-direction projections to (dt, B, C) -> ONE selective scan over all four directions, folded into the channel
 dimension (B and C grouped per direction) -> cross merge (sum back on the grid) -> out_norm -> out_proj.
-The cross scan / merge are ops (``mambazoo.ops.cross_scan``, time-major variants), not part of this file.
+The cross scan / merge and the scan between them are one op (``mambazoo.ops.cross_selective_scan``), not part of this file.
 """
 import functools
 import math
@@ -30,7 +30,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import FeatureInfo, feature_take_indices
 
-from ..ops import cross_merge_time_major, cross_scan_time_major, selective_scan
+from ..ops import cross_selective_scan
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
@@ -199,28 +199,21 @@ class SS2D(nn.Module):
     def forward_core(self, x: Tensor) -> Tensor:
         """The four-direction scan: (B, d_inner, H, W) -> (B, d_inner, H, W), before out_norm.
 
-        Everything runs time-major (L, B, ...), the layout the selective scan walks, built from the channels-last
-        map with copies of whole channel vectors (see ``cross_scan_time_major``); the official computation,
-        in another memory layout.
+        The official computation in other memory layouts: x_proj runs on the channels-last tokens, and
+        ``cross_selective_scan`` traverses, scans and merges (on a CPU through time-major copies; with the Triton
+        kernel reading the traversals in place).
         """
         batch, _, H, W = x.shape
         K, D, R, N = self.k_group, self.d_inner, self.dt_rank, self.d_state
-        L = H * W
         x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, D)
-        xs = cross_scan_time_major(x_hwc)  # (L, B, K, D)
         # x_proj of every direction, on the row-major tokens (a per-token map: traversing afterwards is the same)
         x_dbl = F.linear(x_hwc, self.x_proj_weight.to(x.dtype).reshape(K * (R + 2 * N), D))
-        x_dbl = cross_scan_time_major(x_dbl.view(batch, H, W, K, R + 2 * N))  # (L, B, K, R + 2N)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=3)
-        # The K step-size projections (batched over directions), then into the scan's layout (L, B, K*D).
-        delta = torch.einsum('lbkr,kdr->lbkd', dts, self.dt_projs_weight.to(x.dtype)).reshape(L, batch, K * D)
-        ys = selective_scan(
-            xs.view(L, batch, K * D).permute(1, 2, 0), delta.permute(1, 2, 0), -torch.exp(_at_least_f32(self.A_logs)),
-            Bs.permute(1, 2, 3, 0), Cs.permute(1, 2, 3, 0), _at_least_f32(self.Ds),
-            delta_bias=_at_least_f32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
-        )  # (B, K*D, L)
-        ys = ys.permute(2, 0, 1).reshape(L, batch, K, D)
-        return cross_merge_time_major(ys, H, W).permute(0, 3, 1, 2)
+        dts, Bs, Cs = torch.split(x_dbl.view(batch, H, W, K, R + 2 * N), [R, N, N], dim=4)
+        y = cross_selective_scan(
+            x_hwc, dts, self.dt_projs_weight.to(x.dtype), -torch.exp(_at_least_f32(self.A_logs)), Bs, Cs,
+            _at_least_f32(self.Ds), delta_bias=_at_least_f32(self.dt_projs_bias).reshape(-1), delta_softplus=True,
+        )  # (B, H, W, D)
+        return y.permute(0, 3, 1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, d_model, H, W) -> (B, d_model, H, W)."""

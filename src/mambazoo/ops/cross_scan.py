@@ -16,13 +16,16 @@ Because each is the other's transpose, each one's backward is the other's forwar
 ``cross_scan_ref`` / ``cross_merge_ref`` are the gather / scatter-add definitions built on it, the oracle the
 fast versions are tested against.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .scan_triton import cross_selective_scan_triton
+from .selective_scan import resolve_scan_backend, selective_scan
+
 __all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref',
-           'cross_scan_time_major', 'cross_merge_time_major']
+           'cross_scan_time_major', 'cross_merge_time_major', 'cross_selective_scan']
 
 NUM_DIRECTIONS = 4
 
@@ -162,3 +165,39 @@ def cross_merge_time_major(ys: Tensor, height: int, width: int) -> Tensor:
     cols = ys[:, :, 1] + ys[:, :, 3].flip(0)
     grid = rows.view(height, width, B, C) + cols.view(width, height, B, C).transpose(0, 1)
     return grid.permute(2, 0, 1, 3)  # (B, H, W, C); a view, contiguous when B == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole four-direction selective scan of VMamba's SS2D.
+
+def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                         delta_softplus: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """Scan the four traversals of a map and merge them: VMamba's SS2D core, from per-token (row-major) inputs.
+
+    Args:
+        x: (batch, H, W, d) the map, channels last (any strides); every direction scans it.
+        dts: (batch, H, W, 4, R) low-rank step sizes per token and direction; the step sizes are
+            ``delta[..., k, :] = dts[..., k, :] @ dt_weight[k].T`` (Mamba's dt projection, without its bias).
+        dt_weight: (4, d, R).
+        A: (4 * d, N); D, delta_bias: (4 * d,), direction-major, as VMamba stores them.
+        B, C: (batch, H, W, 4, N) per token and direction.
+        backend: as ``selective_scan``'s. With the Triton backend the traversals are read in place by one fused
+            kernel (``cross_selective_scan_triton``); otherwise they are copied time-major
+            (``cross_scan_time_major``) and the small per-token inputs are traversed before the step-size
+            projection, which is cheaper than traversing its d-wide result.
+    Returns:
+        (batch, H, W, d): each direction's output put back on the grid, the four summed.
+    """
+    batch, height, width, d_inner = x.shape
+    length = height * width
+    if resolve_scan_backend(x, backend) == 'triton':
+        delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
+        return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    xs = cross_scan_time_major(x)  # (L, batch, 4, d)
+    dts, B, C = (cross_scan_time_major(t) for t in (dts, B, C))  # (L, batch, 4, R or N)
+    delta = torch.einsum('lbkr,kdr->lbkd', dts, dt_weight).reshape(length, batch, 4 * d_inner)
+    ys = selective_scan(xs.view(length, batch, 4 * d_inner).permute(1, 2, 0), delta.permute(1, 2, 0), A,
+                        B.permute(1, 2, 3, 0), C.permute(1, 2, 3, 0), D, delta_bias=delta_bias,
+                        delta_softplus=delta_softplus, backend=backend)  # (batch, 4d, L), time-major memory
+    return cross_merge_time_major(ys.permute(2, 0, 1).reshape(length, batch, 4, d_inner), height, width)

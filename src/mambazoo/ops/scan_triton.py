@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .scan_reference import check_scan_args
 
-__all__ = ['selective_scan_triton', 'triton_available', 'scan_chunk_length']
+__all__ = ['selective_scan_triton', 'cross_selective_scan_triton', 'triton_available', 'scan_chunk_length']
 
 _TILE_ELEMENTS = 4096  # elements of one (BLOCK_D, BLOCK_N, BLOCK_L) tile: about 32 float32 registers a thread
 
@@ -103,43 +103,51 @@ def _strides3(x: Optional[Tensor]) -> Tuple[int, int, int]:
 
 @torch.library.custom_op('mambazoo::selective_scan_fwd', mutates_args=())
 def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
-    """out (u's dtype and layout) and the float32 state at every chunk start plus the last (batch, dim, chunks+1, N)."""
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+              height: int, width: int) -> Tuple[Tensor, Tensor]:
+    """out (batch, dim, L) and the float32 state at every chunk start plus the last (batch, dim, chunks+1, N).
+
+    height, width > 0: a cross scan (``_cross_scan_triton``): u holds dim / 4 channels shared by the four
+    directions, and out takes delta's layout; otherwise out takes u's.
+    """
     from .scan_triton_kernels import selective_scan_fwd_kernel
-    out = _output_like(u)
-    states = _output(_states_shape(u, A), u)
-    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(u, A, B, C)
-    b_fixed, _, b_strides = _bc_layout(B, u.shape[1])
-    c_fixed, _, c_strides = _bc_layout(C, u.shape[1])
+    cross = height > 0
+    out = _output_like(delta if cross else u)
+    states = _output(_states_shape(delta, A), u)
+    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C)
+    b_fixed, _, b_strides = _bc_layout(B, delta.shape[1])
+    c_fixed, _, c_strides = _bc_layout(C, delta.shape[1])
     dummy = u  # stands for absent optional tensors (never read: their flags are off)
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
         dummy if delta_bias is None else delta_bias, out, states,
-        u.shape[1], u.shape[2], A.shape[1], dpg, states.shape[2] - 1,
+        delta.shape[1], delta.shape[2], A.shape[1], dpg, states.shape[2] - 1, u.shape[1], height, width,
         *u.stride(), *delta.stride(), *_strides3(z), *out.stride(),
         *A.stride(), *b_strides, *c_strides,
         states.stride(0), states.stride(1), states.stride(2),
         groups, bpg, ratio_b, ratio_c,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        B_FIXED=b_fixed, C_FIXED=c_fixed, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        B_FIXED=b_fixed, C_FIXED=c_fixed, CROSS=cross, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
     )
     return out, states
 
 
 @_scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return torch.empty_like(u), u.new_empty(_states_shape(u, A), dtype=torch.float32)
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, height, width):
+    out = torch.empty_like(delta if height > 0 else u)
+    return out, u.new_empty(_states_shape(delta, A), dtype=torch.float32)
 
 
 @torch.library.custom_op('mambazoo::selective_scan_bwd', mutates_args=())
 def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
               D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], states: Tensor,
-              delta_softplus: bool) -> List[Tensor]:
+              delta_softplus: bool, height: int, width: int) -> List[Tensor]:
     """[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], each in its input's dtype (empty where the input is absent)."""
     from .scan_triton_kernels import selective_scan_bwd_kernel
-    batch, dim, length = u.shape
+    batch, dim, length = delta.shape
     N = A.shape[1]
-    du, ddelta = _output_like(u), _output_like(u)
+    cross = height > 0
+    du, ddelta = _output_like(delta), _output_like(delta)  # cross scans: du per direction, summed below
     dz = _output_like(u) if z is not None else u.new_empty(0)
     dA = _output((batch, dim, N), u)
     unused = u.new_empty(0, dtype=torch.float32)
@@ -150,7 +158,7 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
     dB, dC = bc_grad(B), bc_grad(C)
     dD = _output((batch, dim), u) if D is not None else unused
     dbias = _output((batch, dim), u) if delta_bias is not None else unused
-    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(u, A, B, C)
+    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C)
     b_fixed, _, b_strides = _bc_layout(B, dim)
     c_fixed, _, c_strides = _bc_layout(C, dim)
     db_strides = (0, 0, 0, 0) if b_fixed else _bc_layout(dB, dim)[2][:2] + _bc_layout(dB, dim)[2][3:]
@@ -160,44 +168,46 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
         u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
         states, dout, u if dlast is None else dlast,
         du, ddelta, du if z is None else dz, dA, dB, dC, dD, dbias,
-        dim, length, N, dpg, states.shape[2] - 1,
+        dim, length, N, dpg, states.shape[2] - 1, u.shape[1], height, width,
         *u.stride(), *delta.stride(), *_strides3(z), *dout.stride(),
         *A.stride(), *b_strides, *c_strides,
         states.stride(0), states.stride(1), states.stride(2),
         *du.stride(), *db_strides, *dc_strides,
         groups, bpg, ratio_b, ratio_c,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
-        B_FIXED=b_fixed, C_FIXED=c_fixed, HAS_DLAST=dlast is not None,
+        B_FIXED=b_fixed, C_FIXED=c_fixed, CROSS=cross, HAS_DLAST=dlast is not None,
         BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
     )
+    if cross:
+        du = du.unflatten(1, (4, u.shape[1])).sum(1)
     dB = dB.sum(0) if b_fixed else dB
     dC = dC.sum(0) if c_fixed else dC
-    return [du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+    return [du.to(u.dtype), ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0), dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
 
 
 @_scan_bwd.register_fake
-def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus):
-    return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D) if D is not None else u.new_empty(0),
+def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, height, width):
+    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), torch.empty_like(D) if D is not None else u.new_empty(0),
             torch.empty_like(u) if z is not None else u.new_empty(0),
             torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, height, width = inputs
     ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[1])
-    ctx.delta_softplus = delta_softplus
+    ctx.delta_softplus, ctx.height, ctx.width = delta_softplus, height, width
 
 
 def _backward(ctx, dout, dstates):
     u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
     dlast = dstates[:, :, -1] if dstates is not None else None  # only the last state is a user-visible output
     du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_bwd(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states,
-                                                      ctx.delta_softplus)
+                                                      ctx.delta_softplus, ctx.height, ctx.width)
     return (du, ddelta, dA, dB, dC, dD if D is not None else None, dz if z is not None else None,
-            dbias if delta_bias is not None else None, None)
+            dbias if delta_bias is not None else None, None, None, None)
 
 
 _scan_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -226,13 +236,46 @@ def selective_scan_triton(
         out (batch, dim, L) in u's dtype, and the float32 last state (batch, dim, N) if asked.
     """
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
-    tensors = (u, delta, A, B, C, D, z, delta_bias)
+    _check_runnable(u, delta, A, B, C, D, z, delta_bias)
+    out, states = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), 0, 0)
+    return (out, states[:, :, -1]) if return_last_state else out
+
+
+def _check_runnable(*tensors: Optional[Tensor]) -> None:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         raise ValueError('the Triton scan computes in float32: use the chunked or reference backend for float64')
     if not triton_available():
         raise RuntimeError('the Triton scan needs the triton package (it ships with CUDA builds of PyTorch)')
-    if not u.is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        raise ValueError(f'the Triton scan runs on CUDA tensors (got {u.device}); on CPU use the chunked backend, '
-                         'or set TRITON_INTERPRET=1 before importing Triton to run the kernels interpreted')
-    out, states = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-    return (out, states[:, :, -1]) if return_last_state else out
+    if not tensors[0].is_cuda and os.environ.get('TRITON_INTERPRET') != '1':
+        raise ValueError(f'the Triton scan runs on CUDA tensors (got {tensors[0].device}); on CPU use the chunked '
+                         'backend, or set TRITON_INTERPRET=1 before importing Triton to run the kernels interpreted')
+
+
+def cross_selective_scan_triton(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                                delta_bias: Optional[Tensor] = None, delta_softplus: bool = False) -> Tensor:
+    """VMamba's four-direction scan, fused: the traversals are read from the row-major map, never copied.
+
+    Args:
+        x: (batch, H, W, d) the map, channels last (any strides), shared by the four directions.
+        delta: (batch, H, W, 4, d) step sizes per token and direction (before bias and softplus).
+        A: (4 * d, N); D, delta_bias: (4 * d,), direction-major as VMamba stores them.
+        B, C: (batch, H, W, 4, N) per token and direction.
+    Returns:
+        (batch, H, W, d): the four scans' outputs, each put back on the grid, summed (``cross_merge``).
+    """
+    batch, height, width, d_inner = x.shape
+    L = height * width
+    for name, M, size in (('delta', delta, d_inner), ('B', B, A.shape[1]), ('C', C, A.shape[1])):
+        if tuple(M.shape) != (batch, height, width, 4, size):
+            raise ValueError(f'{name} must be (batch, H, W, 4, {size}) = {(batch, height, width, 4, size)}, '
+                             f'got {tuple(M.shape)}')
+    if A.shape[0] != 4 * d_inner:
+        raise ValueError(f'A must be (4 * d, N) = ({4 * d_inner}, N), got {tuple(A.shape)}')
+    _check_runnable(x, delta, A, B, C, D, delta_bias)
+    # (batch, channels, L) views of the row-major tensors; B and C as 4 groups, one per direction
+    u = x.reshape(batch, L, d_inner).transpose(1, 2)
+    delta = delta.reshape(batch, L, 4 * d_inner).transpose(1, 2)
+    B = B.reshape(batch, L, 4, -1).permute(0, 2, 3, 1)
+    C = C.reshape(batch, L, 4, -1).permute(0, 2, 3, 1)
+    out, _ = _scan_fwd(u, delta, A, B, C, D, None, delta_bias, bool(delta_softplus), height, width)
+    return out.transpose(1, 2).reshape(batch, height, width, 4, d_inner).sum(3)

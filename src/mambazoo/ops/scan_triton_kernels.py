@@ -16,6 +16,11 @@ With a_t*h_{t-1} = h_t - b_t no shifted copy of the states is needed:
     du_t = delta_t * sum_n G_t*B_t + D*dy_t,                 dB_t = sum_d G_t*delta_t*u_t,   dC_t = sum_d h_t*dy_t.
 dB and dC of per-step B/C sum over every channel of a group, across programs: float32 atomics.
 Padding: steps past L get delta = 0 (decay 1, drive 0), so the last column of a chunk is always the state to carry.
+
+Cross scans (CROSS, VMamba's SS2D): the four traversals of an (H, W) map are read straight from the row-major
+tensors: step t of direction k is loaded from, and written to, position ``_positions(t, k)`` along the L axis, so
+the permuted copies of the cross scan are never made. u is shared by the four directions: channel d reads u's
+channel d % u_channels.
 """
 import triton
 import triton.language as tl
@@ -40,6 +45,17 @@ def _softplus(x):
 
 
 @triton.jit
+def _positions(t, direction, height, width, L, CROSS: tl.constexpr):
+    """Where step t of the sequence lives along the tensors' L axis. Plain scans: t. VMamba's cross scan over an
+    (height, width) map stored row-major: direction 0 walks rows, 1 columns, 2 and 3 the same backwards."""
+    if CROSS:
+        walked = tl.where(direction >= 2, L - 1 - t, t)
+        by_column = (walked % height) * width + walked // height
+        return tl.where(direction % 2 == 1, by_column, walked)
+    return t
+
+
+@triton.jit
 def _load_delta(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """delta (+ bias, softplus) in float32, and the pre-softplus value (for the softplus gradient)."""
     raw = tl.load(delta_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -54,20 +70,21 @@ def _load_delta(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.con
 @triton.jit
 def selective_scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-        dim, L, N, dims_per_group, n_chunks,
+        dim, L, N, dims_per_group, n_chunks, u_channels, height, width,
         s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_o_b, s_o_d, s_o_l,
         s_A_d, s_A_n,
         s_B_b, s_B_g, s_B_d, s_B_n, s_B_l, s_C_b, s_C_g, s_C_d, s_C_n, s_C_l,
         s_st_b, s_st_d, s_st_c,
         n_groups, blocks_per_group, B_group_ratio, C_group_ratio,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
+        B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, CROSS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid = tl.program_id(0)
     block = pid % blocks_per_group
     group = (pid // blocks_per_group) % n_groups
     b = pid // (blocks_per_group * n_groups)
+    direction = (group * 4) // n_groups  # cross scans: four directions, each a quarter of the groups
 
     offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_in_group < dims_per_group
@@ -99,15 +116,17 @@ def selective_scan_fwd_kernel(
     for c in range(0, n_chunks):
         t = c * BLOCK_L + steps
         t_mask = t < L
+        p = _positions(t, direction, height, width, L, CROSS)
         mask = d_mask[:, None] & t_mask[None, :]
-        u = tl.load(u_ptr + b * s_u_b + d[:, None] * s_u_d + t[None, :] * s_u_l, mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(delta_ptr + b * s_dt_b + d[:, None] * s_dt_d + t[None, :] * s_dt_l, mask, bias,
+        u_at = u_ptr + b * s_u_b + (d % u_channels)[:, None] * s_u_d + p[None, :] * s_u_l
+        u = tl.load(u_at, mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(delta_ptr + b * s_dt_b + d[:, None] * s_dt_d + p[None, :] * s_dt_l, mask, bias,
                             HAS_BIAS, SOFTPLUS)
         decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
         if B_FIXED:
             Bt = B_fix[:, :, None]
         else:
-            Bt = tl.load(B_row + n[:, None] * s_B_n + t[None, :] * s_B_l,
+            Bt = tl.load(B_row + n[:, None] * s_B_n + p[None, :] * s_B_l,
                          mask=n_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)[None, :, :]
         drive = (dt * u)[:, None, :] * Bt
         a_cum, b_cum = tl.associative_scan((decay, drive), axis=2, combine_fn=_first_order_combine)
@@ -115,16 +134,16 @@ def selective_scan_fwd_kernel(
         if C_FIXED:
             Ct = C_fix[:, :, None]
         else:
-            Ct = tl.load(C_row + n[:, None] * s_C_n + t[None, :] * s_C_l,
+            Ct = tl.load(C_row + n[:, None] * s_C_n + p[None, :] * s_C_l,
                          mask=n_mask[:, None] & t_mask[None, :], other=0.0).to(tl.float32)[None, :, :]
         y = tl.sum(hs * Ct, axis=1)
         if HAS_D:
             y += u * skip[:, None]
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + t[None, :] * s_z_l, mask=mask, other=0.0)
+            z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + p[None, :] * s_z_l, mask=mask, other=0.0)
             z = z.to(tl.float32)
             y = y * z * tl.sigmoid(z)
-        tl.store(out_ptr + b * s_o_b + d[:, None] * s_o_d + t[None, :] * s_o_l, y, mask=mask)
+        tl.store(out_ptr + b * s_o_b + d[:, None] * s_o_d + p[None, :] * s_o_l, y, mask=mask)
         h = tl.sum(tl.where(last_step, hs, 0.0), axis=2)
         tl.store(st_base + (c + 1) * s_st_c, h, mask=dn_mask)
 
@@ -133,7 +152,7 @@ def selective_scan_fwd_kernel(
 def selective_scan_bwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dout_ptr, dlast_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-        dim, L, N, dims_per_group, n_chunks,
+        dim, L, N, dims_per_group, n_chunks, u_channels, height, width,
         s_u_b, s_u_d, s_u_l, s_dt_b, s_dt_d, s_dt_l, s_z_b, s_z_d, s_z_l, s_do_b, s_do_d, s_do_l,
         s_A_d, s_A_n,
         s_B_b, s_B_g, s_B_d, s_B_n, s_B_l, s_C_b, s_C_g, s_C_d, s_C_n, s_C_l,
@@ -142,7 +161,7 @@ def selective_scan_bwd_kernel(
         s_dB_b, s_dB_g, s_dB_n, s_dB_l, s_dC_b, s_dC_g, s_dC_n, s_dC_l,
         n_groups, blocks_per_group, B_group_ratio, C_group_ratio,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-        B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_DLAST: tl.constexpr,
+        B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, CROSS: tl.constexpr, HAS_DLAST: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Gradients. du, ddelta, dz share the strides s_g_*; per-channel results (dA, fixed dB/dC as (batch, dim, N),
@@ -151,6 +170,7 @@ def selective_scan_bwd_kernel(
     block = pid % blocks_per_group
     group = (pid // blocks_per_group) % n_groups
     b = pid // (blocks_per_group * n_groups)
+    direction = (group * 4) // n_groups  # cross scans: four directions, each a quarter of the groups
 
     offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_in_group < dims_per_group
@@ -195,25 +215,28 @@ def selective_scan_bwd_kernel(
         c = n_chunks - 1 - i
         t = c * BLOCK_L + steps
         t_mask = t < L
+        p = _positions(t, direction, height, width, L, CROSS)
         mask = d_mask[:, None] & t_mask[None, :]
         nt_mask = n_mask[:, None] & t_mask[None, :]
-        u = tl.load(u_ptr + b * s_u_b + d[:, None] * s_u_d + t[None, :] * s_u_l, mask=mask, other=0.0).to(tl.float32)
+        u_at = u_ptr + b * s_u_b + (d % u_channels)[:, None] * s_u_d + p[None, :] * s_u_l
+        u = tl.load(u_at, mask=mask, other=0.0).to(tl.float32)
         delta_row = delta_ptr + b * s_dt_b + d[:, None] * s_dt_d
-        dt, dt_raw = _load_delta(delta_row + t[None, :] * s_dt_l, mask, bias, HAS_BIAS, SOFTPLUS)
+        dt, dt_raw = _load_delta(delta_row + p[None, :] * s_dt_l, mask, bias, HAS_BIAS, SOFTPLUS)
         # a_{t+1}: the next step's decay (1 past the end, where delta is 0).
         next_mask = d_mask[:, None] & (t + 1 < L)[None, :]
-        dt_next, _ = _load_delta(delta_row + (t[None, :] + 1) * s_dt_l, next_mask, bias, HAS_BIAS, SOFTPLUS)
+        p_next = _positions(t + 1, direction, height, width, L, CROSS)
+        dt_next, _ = _load_delta(delta_row + p_next[None, :] * s_dt_l, next_mask, bias, HAS_BIAS, SOFTPLUS)
         decay = tl.exp2(dt[:, None, :] * A2[:, :, None])
         decay_next = tl.exp2(dt_next[:, None, :] * A2[:, :, None])
         if B_FIXED:
             Bt = B_fix[:, :, None]
         else:
-            Bt = tl.load(B_row + n[:, None] * s_B_n + t[None, :] * s_B_l, mask=nt_mask, other=0.0)
+            Bt = tl.load(B_row + n[:, None] * s_B_n + p[None, :] * s_B_l, mask=nt_mask, other=0.0)
             Bt = Bt.to(tl.float32)[None, :, :]
         if C_FIXED:
             Ct = C_fix[:, :, None]
         else:
-            Ct = tl.load(C_row + n[:, None] * s_C_n + t[None, :] * s_C_l, mask=nt_mask, other=0.0)
+            Ct = tl.load(C_row + n[:, None] * s_C_n + p[None, :] * s_C_l, mask=nt_mask, other=0.0)
             Ct = Ct.to(tl.float32)[None, :, :]
 
         # Recompute the chunk's states from its saved start.
@@ -222,17 +245,17 @@ def selective_scan_bwd_kernel(
         a_cum, b_cum = tl.associative_scan((decay, drive), axis=2, combine_fn=_first_order_combine)
         hs = a_cum * h0[:, :, None] + b_cum
 
-        dout = tl.load(dout_ptr + b * s_do_b + d[:, None] * s_do_d + t[None, :] * s_do_l, mask=mask, other=0.0)
+        dout = tl.load(dout_ptr + b * s_do_b + d[:, None] * s_do_d + p[None, :] * s_do_l, mask=mask, other=0.0)
         dout = dout.to(tl.float32)
         if HAS_Z:
-            z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + t[None, :] * s_z_l, mask=mask, other=0.0)
+            z = tl.load(z_ptr + b * s_z_b + d[:, None] * s_z_d + p[None, :] * s_z_l, mask=mask, other=0.0)
             z = z.to(tl.float32)
             sig = tl.sigmoid(z)
             y = tl.sum(hs * Ct, axis=1)
             if HAS_D:
                 y += u * skip[:, None]
             dz = dout * y * sig * (1.0 + z * (1.0 - sig))
-            tl.store(dz_ptr + b * s_g_b + d[:, None] * s_g_d + t[None, :] * s_g_l, dz, mask=mask)
+            tl.store(dz_ptr + b * s_g_b + d[:, None] * s_g_d + p[None, :] * s_g_l, dz, mask=mask)
             dy = dout * z * sig
         else:
             dy = dout
@@ -257,19 +280,19 @@ def selective_scan_bwd_kernel(
         if B_FIXED:
             dB_fix_acc += tl.sum(g * dtu[:, None, :], axis=2)
         else:
-            tl.atomic_add(dB_row + n[:, None] * s_dB_n + t[None, :] * s_dB_l, tl.sum(g * dtu[:, None, :], axis=0),
+            tl.atomic_add(dB_row + n[:, None] * s_dB_n + p[None, :] * s_dB_l, tl.sum(g * dtu[:, None, :], axis=0),
                           mask=nt_mask)
         if C_FIXED:
             dC_fix_acc += tl.sum(hs * dy[:, None, :], axis=2)
         else:
-            tl.atomic_add(dC_row + n[:, None] * s_dC_n + t[None, :] * s_dC_l, tl.sum(hs * dy[:, None, :], axis=0),
+            tl.atomic_add(dC_row + n[:, None] * s_dC_n + p[None, :] * s_dC_l, tl.sum(hs * dy[:, None, :], axis=0),
                           mask=nt_mask)
         if SOFTPLUS:
             ddt = tl.where(dt_raw > SOFTPLUS_THRESHOLD, ddt, ddt * tl.sigmoid(dt_raw))
         ddt = tl.where(mask, ddt, 0.0)
         dbias_acc += tl.sum(ddt, axis=1)
-        tl.store(ddelta_ptr + b * s_g_b + d[:, None] * s_g_d + t[None, :] * s_g_l, ddt, mask=mask)
-        tl.store(du_ptr + b * s_g_b + d[:, None] * s_g_d + t[None, :] * s_g_l, du, mask=mask)
+        tl.store(ddelta_ptr + b * s_g_b + d[:, None] * s_g_d + p[None, :] * s_g_l, ddt, mask=mask)
+        tl.store(du_ptr + b * s_g_b + d[:, None] * s_g_d + p[None, :] * s_g_l, du, mask=mask)
 
     pc_dn = per_channel[:, None] * N + n[None, :]
     tl.store(dA_ptr + pc_dn, dA_acc, mask=dn_mask)

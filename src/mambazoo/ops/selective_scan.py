@@ -20,7 +20,7 @@ from .scan_parallel import selective_scan_parallel
 from .scan_reference import selective_scan_ref
 from .scan_triton import selective_scan_triton, triton_available
 
-__all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'SCAN_BACKENDS']
+__all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS']
 
 SCAN_BACKENDS: Dict[str, Callable] = {
     'chunked': selective_scan_chunked,
@@ -44,7 +44,8 @@ def get_scan_backend() -> str:
     return _backend
 
 
-def _resolve(u: Tensor, backend: Optional[str]) -> Callable:
+def resolve_scan_backend(u: Tensor, backend: Optional[str] = None) -> str:
+    """The backend name a ``selective_scan`` call on ``u`` with this ``backend`` argument would use."""
     name = backend or _backend
     if name == 'auto':
         # A traced Python loop over time would unroll into O(L) graph nodes: export the loop-free scan.
@@ -58,7 +59,7 @@ def _resolve(u: Tensor, backend: Optional[str]) -> Callable:
             name = 'chunked'
     if name not in SCAN_BACKENDS:
         raise ValueError(f'unknown scan backend {name!r}; choose from auto, {", ".join(SCAN_BACKENDS)}')
-    return SCAN_BACKENDS[name]
+    return name
 
 
 def selective_scan(
@@ -92,6 +93,6 @@ def selective_scan(
         (batch, dim, L) in u's dtype (accumulated in float32, or float64 for float64 inputs), and the last
         state in the compute dtype when ``return_last_state``.
     """
-    fn = _resolve(u, backend)
+    fn = SCAN_BACKENDS[resolve_scan_backend(u, backend)]
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               return_last_state=return_last_state)
