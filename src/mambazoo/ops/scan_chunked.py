@@ -199,7 +199,7 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     u_tm, delta_tm = u.permute(2, 0, 1), delta.permute(2, 0, 1)
     z_tm = z.permute(2, 0, 1) if z is not None else None
     # The output in the input's layout: time-major callers (the Mamba mixer, VMamba's SS2D) get a time-major y.
-    if u.permute(2, 0, 1).is_contiguous():
+    if _inference_output_layout(u):
         y_tm = torch.empty(length, batch, dim, dtype=ct, device=u.device)
         y = y_tm.permute(1, 2, 0)
     else:
@@ -238,6 +238,32 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
             yb.mul_(F.silu(gate, inplace=True))
         y_tm[ps:pe] = yb
     return y, h
+
+
+def _inference_output_layout(u: Tensor) -> bool:
+    """Whether ``_scan_inference`` returns y time-major (it does when u is)."""
+    return u.permute(2, 0, 1).is_contiguous()
+
+
+@torch.library.custom_op('mambazoo::selective_scan_chunked_inference', mutates_args=())
+def _scan_inference_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                       chunk_size: int) -> Tuple[Tensor, Tensor]:
+    """``_scan_inference`` as a custom op, for ``torch.compile``: y in the compute dtype and the last state."""
+    batch, dim, length = u.shape
+    B_tm = _time_major_bc(B, batch, dim, length)
+    C_tm = _time_major_bc(C, batch, dim, length)
+    return _scan_inference(u, delta, A, B_tm, C_tm, D, z, delta_bias, delta_softplus, chunk_size, A.dtype)
+
+
+@_scan_inference_op.register_fake
+def _scan_inference_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, chunk_size):
+    batch, dim, length = u.shape
+    if _inference_output_layout(u):
+        y = u.new_empty(length, batch, dim, dtype=A.dtype).permute(1, 2, 0)
+    else:
+        y = u.new_empty(batch, dim, length, dtype=A.dtype)
+    return y, u.new_empty(batch, dim, A.shape[1], dtype=A.dtype)
 
 
 def auto_chunk_size(batch: int, dim: int, d_state: int) -> int:
@@ -354,7 +380,11 @@ def selective_scan_chunked(
         B_tm = _time_major_bc(B.to(ct), batch, dim, length)
         C_tm = _time_major_bc(C.to(ct), batch, dim, length)
         if not needs_grad:
-            y, last = _scan_inference(u, delta, A, B_tm, C_tm, D, z, delta_bias, delta_softplus, chunk_size, ct)
+            if torch.compiler.is_compiling():  # one opaque node instead of the step loop unrolled into the graph
+                y, last = _scan_inference_op(u, delta, A, B.to(ct), C.to(ct), D, z, delta_bias, delta_softplus,
+                                             chunk_size)
+            else:
+                y, last = _scan_inference(u, delta, A, B_tm, C_tm, D, z, delta_bias, delta_softplus, chunk_size, ct)
             y = y.to(dtype_in)
             return (y, last) if return_last_state else y
         # Everything runs time-major (L, batch, dim).
