@@ -8,6 +8,9 @@ are poisoned with NaN before each run, so an element a kernel forgets to write f
 the same checks at the benchmark shapes on a GPU.
 """
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,7 +29,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
     """Every buffer a kernel must fill starts as NaN."""
-    monkeypatch.setattr(scan_triton, '_output_like', lambda x: torch.full_like(x, float('nan')))
+    monkeypatch.setattr(scan_triton, '_output_like',
+                        lambda x, dtype=None: torch.full_like(x, float('nan'), dtype=dtype))
     monkeypatch.setattr(scan_triton, '_output',
                         lambda shape, like: torch.full(shape, float('nan'), device=like.device))
 
@@ -110,6 +114,31 @@ def test_time_major_views_in_and_out():
     y = selective_scan_triton(**inputs, delta_softplus=True)
     assert y.stride() == inputs['u'].stride()
     assert_rel_close(y, selective_scan_ref(**cast(inputs, torch.float64), delta_softplus=True), 1e-5)
+
+
+def test_mixed_layouts_gradients():
+    # u and z time-major, delta channel-major: every gradient lands in its own input's shape and dtype
+    inputs = make_inputs(2, 4, 40, 3, seed=21)
+    seen = cast(inputs, torch.float32)
+    for key in ('u', 'z'):
+        seen[key] = seen[key].permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    seen['z'] = seen['z'].to(torch.bfloat16)
+    cot = cotangents_for(inputs, 3)
+    y, last, grads = scan_and_grads(selective_scan_triton, seen, cot, delta_softplus=True)
+    *_, grads_ref = scan_and_grads(selective_scan_ref, cast(seen, torch.float64), cot, delta_softplus=True)
+    assert grads['z'].dtype == torch.bfloat16
+    for key, g in grads_ref.items():
+        assert_rel_close(grads[key], g, TOL[torch.bfloat16] if key == 'z' else 1e-4, f'grad {key}')
+
+
+def test_kernels_compile_for_a_hopper_gpu():
+    # The interpreter skips the compiler's checks: compile both kernels for sm_90 (no GPU needed) in a process
+    # without TRITON_INTERPRET, through LLVM and ptxas
+    script = Path(__file__).with_name('compile_triton_kernels.py')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count('registers') == 6, run.stdout
 
 
 def test_gradient_through_last_state_only():

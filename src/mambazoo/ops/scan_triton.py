@@ -24,7 +24,9 @@ from .scan_reference import check_scan_args
 
 __all__ = ['selective_scan_triton', 'cross_selective_scan_triton', 'triton_available', 'scan_chunk_length']
 
-_TILE_ELEMENTS = 4096  # elements of one (BLOCK_D, BLOCK_N, BLOCK_L) tile: about 32 float32 registers a thread
+_TILE_ELEMENTS = 4096  # elements of one (BLOCK_D, BLOCK_N, BLOCK_L) tile: 16 float32 values a thread at 8 warps
+# 8 warps: with 4 every variant spills registers (ptxas for sm_90, tests/ops/compile_triton_kernels.py); untuned.
+NUM_WARPS = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -46,10 +48,12 @@ def scan_chunk_length(length: int, d_state: int) -> int:
     return max(16, min(_pow2(length), 128, _TILE_ELEMENTS // _pow2(d_state)))
 
 
-def _block_sizes(length: int, d_state: int, dims_per_group: int) -> Tuple[int, int, int]:
+def _block_sizes(length: int, d_state: int, dims_per_group: int, backward: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_D, BLOCK_N, BLOCK_L). The backward keeps about twice as many tiles live: half as many channels."""
     block_n = _pow2(d_state)
     block_l = scan_chunk_length(length, d_state)
-    block_d = max(1, min(_pow2(dims_per_group), _TILE_ELEMENTS // (block_n * block_l)))
+    tile = _TILE_ELEMENTS // 2 if backward else _TILE_ELEMENTS
+    block_d = max(1, min(_pow2(dims_per_group), tile // (block_n * block_l)))
     return block_d, block_n, block_l
 
 
@@ -77,19 +81,20 @@ def _states_shape(u: Tensor, A: Tensor) -> Tuple[int, int, int, int]:
     return batch, dim, n_chunks + 1, A.shape[1]
 
 
-def _launch_geometry(u: Tensor, A: Tensor, B: Tensor, C: Tensor):
+def _launch_geometry(u: Tensor, A: Tensor, B: Tensor, C: Tensor, backward: bool = False):
     batch, dim, length = u.shape
     groups, ratio_b, ratio_c = _groups(B, C, dim)
     dims_per_group = dim // groups
-    block_d, block_n, block_l = _block_sizes(length, A.shape[1], dims_per_group)
+    block_d, block_n, block_l = _block_sizes(length, A.shape[1], dims_per_group, backward)
     blocks_per_group = -(-dims_per_group // block_d)
     grid = (batch * groups * blocks_per_group,)
     return grid, groups, ratio_b, ratio_c, dims_per_group, blocks_per_group, (block_d, block_n, block_l)
 
 
-def _output_like(x: Tensor) -> Tensor:
-    """Uninitialised memory for a kernel to fill entirely (tests replace this with NaN-poisoned buffers)."""
-    return torch.empty_like(x)
+def _output_like(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Uninitialised memory of x's shape and strides for a kernel to fill entirely (tests replace this with
+    NaN-poisoned buffers)."""
+    return torch.empty_like(x, dtype=dtype)
 
 
 def _output(shape, like: Tensor) -> Tensor:
@@ -128,6 +133,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
         groups, bpg, ratio_b, ratio_c,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         B_FIXED=b_fixed, C_FIXED=c_fixed, CROSS=cross, BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        num_warps=NUM_WARPS,
     )
     return out, states
 
@@ -147,8 +153,9 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
     batch, dim, length = delta.shape
     N = A.shape[1]
     cross = height > 0
-    du, ddelta = _output_like(delta), _output_like(delta)  # cross scans: du per direction, summed below
-    dz = _output_like(u) if z is not None else u.new_empty(0)
+    # du, ddelta and dz share the strides the kernel is given (delta's); cross scans: du per direction, summed below
+    du, ddelta = _output_like(delta, u.dtype), _output_like(delta)
+    dz = _output_like(delta, z.dtype) if z is not None else u.new_empty(0)
     dA = _output((batch, dim, N), u)
     unused = u.new_empty(0, dtype=torch.float32)
 
@@ -158,7 +165,8 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
     dB, dC = bc_grad(B), bc_grad(C)
     dD = _output((batch, dim), u) if D is not None else unused
     dbias = _output((batch, dim), u) if delta_bias is not None else unused
-    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C)
+    grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C,
+                                                                                             backward=True)
     b_fixed, _, b_strides = _bc_layout(B, dim)
     c_fixed, _, c_strides = _bc_layout(C, dim)
     db_strides = (0, 0, 0, 0) if b_fixed else _bc_layout(dB, dim)[2][:2] + _bc_layout(dB, dim)[2][3:]
@@ -176,22 +184,25 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
         groups, bpg, ratio_b, ratio_c,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         B_FIXED=b_fixed, C_FIXED=c_fixed, CROSS=cross, HAS_DLAST=dlast is not None,
-        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l,
+        BLOCK_D=block_d, BLOCK_N=block_n, BLOCK_L=block_l, num_warps=NUM_WARPS,
     )
     if cross:
         du = du.unflatten(1, (4, u.shape[1])).sum(1)
     dB = dB.sum(0) if b_fixed else dB
     dC = dC.sum(0) if c_fixed else dC
-    return [du.to(u.dtype), ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+    return [du, ddelta, dA.sum(0).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.sum(0).to(D.dtype) if D is not None else u.new_empty(0), dz,
             dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else u.new_empty(0)]
 
 
 @_scan_bwd.register_fake
 def _scan_bwd_fake(dout, dlast, u, delta, A, B, C, D, z, delta_bias, states, delta_softplus, height, width):
-    return [torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
+    du = torch.empty_like(delta, dtype=u.dtype)  # the layouts _scan_bwd returns
+    if height > 0:
+        du = du.unflatten(1, (4, u.shape[1])).sum(1)
+    return [du, torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), torch.empty_like(D) if D is not None else u.new_empty(0),
-            torch.empty_like(u) if z is not None else u.new_empty(0),
+            torch.empty_like(delta, dtype=z.dtype) if z is not None else u.new_empty(0),
             torch.empty_like(delta_bias) if delta_bias is not None else u.new_empty(0)]
 
 

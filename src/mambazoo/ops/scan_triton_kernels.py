@@ -25,8 +25,9 @@ channel d % u_channels.
 import triton
 import triton.language as tl
 
-LOG2_E: tl.constexpr = 1.4426950408889634
-SOFTPLUS_THRESHOLD: tl.constexpr = 20.0
+# Globals read inside kernels must be constexpr objects (the interpreter does not check this; the compiler does).
+LOG2_E = tl.constexpr(1.4426950408889634)
+SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
 @triton.jit
