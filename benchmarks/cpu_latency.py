@@ -9,7 +9,7 @@ One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on 
 * stand-ins for the official code paths: our mambavision_tiny, vmamba_tiny and vim_tiny with the reference scan
   (``set_scan_backend('ref')``: two (batch, dim, L, N) tensors, one step at a time, as mamba_ssm's reference), for
   VMamba also the reference cross scan / merge (gather and scatter-add, ``cross_scan_ref`` / ``cross_merge_ref``,
-  patched into ``mambazoo.models.vmamba`` in place of its time-major fast versions), for those rows only. The
+  patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan`` uses), for those rows only. The
   reference outputs are checked against the fast ones at batch 1.
 
 Batch-1 and batch-8 median latency; the models take turns within every repeat (the order reversed every other
@@ -151,21 +151,22 @@ def code_path(row: Row) -> Iterator[None]:
     if not row.ref:
         yield
         return
-    from mambazoo.models import vmamba
+    import importlib
     from mambazoo.ops import get_scan_backend, set_scan_backend
+    vmamba_ops = importlib.import_module('mambazoo.ops.cross_scan')  # where cross_selective_scan finds them
     previous = get_scan_backend()
     patched = {'cross_scan_time_major': _cross_scan_time_major_ref,
                'cross_merge_time_major': _cross_merge_time_major_ref} if row.model.startswith('vmamba') else {}
-    saved = {name: getattr(vmamba, name) for name in patched}
+    saved = {name: getattr(vmamba_ops, name) for name in patched}
     set_scan_backend('ref')
     for name, fn in patched.items():
-        setattr(vmamba, name, fn)
+        setattr(vmamba_ops, name, fn)
     try:
         yield
     finally:
         set_scan_backend(previous)
         for name, fn in saved.items():
-            setattr(vmamba, name, fn)
+            setattr(vmamba_ops, name, fn)
 
 
 # -- the scan's workspace --------------------------------------------------------------------------------------
