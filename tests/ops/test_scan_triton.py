@@ -116,6 +116,15 @@ def test_time_major_views_in_and_out():
     assert_rel_close(y, selective_scan_ref(**cast(inputs, torch.float64), delta_softplus=True), 1e-5)
 
 
+def test_strided_D_and_delta_bias():
+    inputs = cast(make_inputs(1, 4, 30, 2, seed=4), torch.float32)
+    expected = selective_scan_ref(**cast(inputs, torch.float64), delta_softplus=True)
+    for key in ('D', 'delta_bias'):  # every other element of a buffer padded with NaN
+        inputs[key] = torch.stack([inputs[key], torch.full_like(inputs[key], float('nan'))], 1)[:, 0]
+        assert inputs[key].stride() == (2,)
+    assert_rel_close(selective_scan_triton(**inputs, delta_softplus=True), expected, TOL[torch.float32])
+
+
 def test_mixed_layouts_gradients():
     # u and z time-major, delta channel-major: every gradient lands in its own input's shape and dtype
     inputs = make_inputs(2, 4, 40, 3, seed=21)

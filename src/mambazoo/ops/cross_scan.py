@@ -191,7 +191,7 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
     """
     batch, height, width, d_inner = x.shape
     length = height * width
-    if resolve_scan_backend(x, backend) == 'triton':
+    if resolve_scan_backend(x, backend, (dts, dt_weight, A, B, C, D, delta_bias)) == 'triton':
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
     xs = cross_scan_time_major(x)  # (L, batch, 4, d)

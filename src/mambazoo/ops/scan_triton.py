@@ -102,6 +102,10 @@ def _output(shape, like: Tensor) -> Tensor:
     return torch.empty(shape, device=like.device, dtype=torch.float32)
 
 
+def _dense(x: Optional[Tensor]) -> Optional[Tensor]:
+    return x.contiguous() if x is not None else None
+
+
 def _strides3(x: Optional[Tensor]) -> Tuple[int, int, int]:
     return tuple(x.stride()) if x is not None else (0, 0, 0)
 
@@ -116,6 +120,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     directions, and out takes delta's layout; otherwise out takes u's.
     """
     from .scan_triton_kernels import selective_scan_fwd_kernel
+    D, delta_bias = _dense(D), _dense(delta_bias)  # the kernels index them with unit stride
     cross = height > 0
     out = _output_like(delta if cross else u)
     states = _output(_states_shape(delta, A), u)
@@ -150,6 +155,7 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
               delta_softplus: bool, height: int, width: int) -> List[Tensor]:
     """[du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], each in its input's dtype (empty where the input is absent)."""
     from .scan_triton_kernels import selective_scan_bwd_kernel
+    D, delta_bias = _dense(D), _dense(delta_bias)
     batch, dim, length = delta.shape
     N = A.shape[1]
     cross = height > 0

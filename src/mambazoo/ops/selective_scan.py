@@ -10,14 +10,14 @@ Backends:
 The process-wide default can be changed with ``set_scan_backend`` or the MAMBAZOO_SCAN environment variable.
 """
 import os
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .scan_chunked import selective_scan_chunked
 from .scan_parallel import selective_scan_parallel
-from .scan_reference import selective_scan_ref
+from .scan_reference import compute_dtype, selective_scan_ref
 from .scan_triton import selective_scan_triton, triton_available
 
 __all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS']
@@ -44,8 +44,9 @@ def get_scan_backend() -> str:
     return _backend
 
 
-def resolve_scan_backend(u: Tensor, backend: Optional[str] = None) -> str:
-    """The backend name a ``selective_scan`` call on ``u`` with this ``backend`` argument would use."""
+def resolve_scan_backend(u: Tensor, backend: Optional[str] = None, others: Sequence[Optional[Tensor]] = ()) -> str:
+    """The backend name a ``selective_scan`` call on ``u`` (and the ``others`` inputs) with this ``backend``
+    argument would use."""
     name = backend or _backend
     if name == 'auto':
         # A traced Python loop over time would unroll into O(L) graph nodes: export the loop-free scan.
@@ -53,7 +54,7 @@ def resolve_scan_backend(u: Tensor, backend: Optional[str] = None) -> str:
                      or torch.compiler.is_exporting())
         if exporting:
             name = 'parallel'
-        elif u.is_cuda and u.dtype != torch.float64 and triton_available():
+        elif u.is_cuda and compute_dtype(u, *others) != torch.float64 and triton_available():
             name = 'triton'
         else:
             name = 'chunked'
@@ -93,6 +94,6 @@ def selective_scan(
         (batch, dim, L) in u's dtype (accumulated in float32, or float64 for float64 inputs), and the last
         state in the compute dtype when ``return_last_state``.
     """
-    fn = SCAN_BACKENDS[resolve_scan_backend(u, backend)]
+    fn = SCAN_BACKENDS[resolve_scan_backend(u, backend, (delta, A, B, C, D, z, delta_bias))]
     return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
               return_last_state=return_last_state)
