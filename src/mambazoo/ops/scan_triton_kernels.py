@@ -69,6 +69,40 @@ def _load_delta(delta_ptrs, mask, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.con
 
 
 @triton.jit
+def _channel_block(n_groups, blocks_per_group, dims_per_group, N, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch element, channel group, scan direction (cross scans: each direction is a quarter of
+    the groups), channels and states, with the masks of the last, partial block."""
+    pid = tl.program_id(0)
+    block = pid % blocks_per_group
+    group = (pid // blocks_per_group) % n_groups
+    b = pid // (blocks_per_group * n_groups)
+    direction = (group * 4) // n_groups
+    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_in_group < dims_per_group
+    d = group * dims_per_group + offs_in_group
+    n = tl.arange(0, BLOCK_N)
+    return b, group, direction, d, d_mask, n, n < N
+
+
+@triton.jit
+def _channel_values(ptr, d, d_mask, PRESENT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """D or delta_bias at the program's channels, float32; zeros when the input is absent."""
+    values = tl.zeros((BLOCK_D,), tl.float32)
+    if PRESENT:
+        values = tl.load(ptr + d, mask=d_mask, other=0.0).to(tl.float32)
+    return values
+
+
+@triton.jit
+def _fixed_matrix(ptr, d, n, s_d, s_n, dn_mask, FIXED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A fixed (dim, N) B or C at the program's channels, float32; zeros (unused) for per-step matrices."""
+    values = tl.zeros((BLOCK_D, BLOCK_N), tl.float32)
+    if FIXED:
+        values = tl.load(ptr + d[:, None] * s_d + n[None, :] * s_n, mask=dn_mask, other=0.0).to(tl.float32)
+    return values
+
+
+@triton.jit
 def selective_scan_fwd_kernel(
         u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
         dim, L, N, dims_per_group, n_chunks, u_channels, height, width,
@@ -81,32 +115,17 @@ def selective_scan_fwd_kernel(
         B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, CROSS: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    block = pid % blocks_per_group
-    group = (pid // blocks_per_group) % n_groups
-    b = pid // (blocks_per_group * n_groups)
-    direction = (group * 4) // n_groups  # cross scans: four directions, each a quarter of the groups
-
-    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_in_group < dims_per_group
-    d = group * dims_per_group + offs_in_group
-    n = tl.arange(0, BLOCK_N)
-    n_mask = n < N
+    b, group, direction, d, d_mask, n, n_mask = _channel_block(n_groups, blocks_per_group, dims_per_group, N,
+                                                               BLOCK_D, BLOCK_N)
     dn_mask = d_mask[:, None] & n_mask[None, :]
     steps = tl.arange(0, BLOCK_L)
-
     # Per-channel constants, once.
-    A2 = tl.load(A_ptr + d[:, None] * s_A_d + n[None, :] * s_A_n, mask=dn_mask, other=0.0).to(tl.float32) * LOG2_E
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-    skip = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-    if B_FIXED:
-        B_fix = tl.load(B_ptr + d[:, None] * s_B_d + n[None, :] * s_B_n, mask=dn_mask, other=0.0).to(tl.float32)
-    if C_FIXED:
-        C_fix = tl.load(C_ptr + d[:, None] * s_C_d + n[None, :] * s_C_n, mask=dn_mask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d[:, None] * s_A_d + n[None, :] * s_A_n, mask=dn_mask, other=0.0).to(tl.float32)
+    A2 = A * LOG2_E
+    bias = _channel_values(bias_ptr, d, d_mask, HAS_BIAS, BLOCK_D)
+    skip = _channel_values(D_ptr, d, d_mask, HAS_D, BLOCK_D)
+    B_fix = _fixed_matrix(B_ptr, d, n, s_B_d, s_B_n, dn_mask, B_FIXED, BLOCK_D, BLOCK_N)
+    C_fix = _fixed_matrix(C_ptr, d, n, s_C_d, s_C_n, dn_mask, C_FIXED, BLOCK_D, BLOCK_N)
 
     B_row = B_ptr + b * s_B_b + (group // B_group_ratio) * s_B_g
     C_row = C_ptr + b * s_C_b + (group // C_group_ratio) * s_C_g
@@ -167,32 +186,17 @@ def selective_scan_bwd_kernel(
 ):
     """Gradients. du, ddelta, dz share the strides s_g_*; per-channel results (dA, fixed dB/dC as (batch, dim, N),
     dD, dbias as (batch, dim)) are per batch element, summed by the caller; per-step dB/dC are float32 atomics."""
-    pid = tl.program_id(0)
-    block = pid % blocks_per_group
-    group = (pid // blocks_per_group) % n_groups
-    b = pid // (blocks_per_group * n_groups)
-    direction = (group * 4) // n_groups  # cross scans: four directions, each a quarter of the groups
-
-    offs_in_group = block * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_in_group < dims_per_group
-    d = group * dims_per_group + offs_in_group
-    n = tl.arange(0, BLOCK_N)
-    n_mask = n < N
+    b, group, direction, d, d_mask, n, n_mask = _channel_block(n_groups, blocks_per_group, dims_per_group, N,
+                                                               BLOCK_D, BLOCK_N)
     dn_mask = d_mask[:, None] & n_mask[None, :]
     steps = tl.arange(0, BLOCK_L)
-
+    # Per-channel constants, once.
     A = tl.load(A_ptr + d[:, None] * s_A_d + n[None, :] * s_A_n, mask=dn_mask, other=0.0).to(tl.float32)
     A2 = A * LOG2_E
-    bias = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-    skip = tl.zeros((BLOCK_D,), tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-    if B_FIXED:
-        B_fix = tl.load(B_ptr + d[:, None] * s_B_d + n[None, :] * s_B_n, mask=dn_mask, other=0.0).to(tl.float32)
-    if C_FIXED:
-        C_fix = tl.load(C_ptr + d[:, None] * s_C_d + n[None, :] * s_C_n, mask=dn_mask, other=0.0).to(tl.float32)
+    bias = _channel_values(bias_ptr, d, d_mask, HAS_BIAS, BLOCK_D)
+    skip = _channel_values(D_ptr, d, d_mask, HAS_D, BLOCK_D)
+    B_fix = _fixed_matrix(B_ptr, d, n, s_B_d, s_B_n, dn_mask, B_FIXED, BLOCK_D, BLOCK_N)
+    C_fix = _fixed_matrix(C_ptr, d, n, s_C_d, s_C_n, dn_mask, C_FIXED, BLOCK_D, BLOCK_N)
 
     B_row = B_ptr + b * s_B_b + (group // B_group_ratio) * s_B_g
     C_row = C_ptr + b * s_C_b + (group // C_group_ratio) * s_C_g
