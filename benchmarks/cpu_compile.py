@@ -4,23 +4,20 @@ Each model (ours through ``mambazoo.create_model``, ``timm:NAME`` through timm; 
 inference_mode, 224x224, float32) is timed eager, then compiled with the inductor backend (``fullgraph=True`` for
 ours: the scan is a registered custom op, so nothing breaks the graph) and timed again; compile time is the first
 compiled call. The compiled output is checked against eager. Median of ``--repeats`` calls after one warm-up.
-OMP_WAIT_POLICY=PASSIVE and ``tune_cpu_allocator`` as in cpu_latency.py.
+``tune_cpu_allocator`` as in cpu_latency.py; OpenMP's wait policy is left at libgomp's default (run it idle).
 
     .venv/bin/python benchmarks/cpu_compile.py [--threads 2] [--batch 1] [--repeats 7] [MODEL ...]
 """
+import argparse
 import os
+import platform
+import statistics
+import time
 
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before torch loads libgomp (see cpu_latency.py)
+import timm
+import torch
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import mambazoo  # noqa: E402
+import mambazoo
 
 DEFAULT_MODELS = ('mambavision_tiny', 'vmamba_tiny', 'vim_tiny', 'mambaout_tiny', 'hybrid_tiny',
                   'timm:convnext_tiny', 'timm:deit_tiny_patch16_224')

@@ -29,10 +29,13 @@ Then the issue's targets, each marked met / NOT met.
 The reference rows are timed without a warm-up pass of their own (they reuse our warm modules) and, at batch 8,
 once by default (Vim-T's takes 5-25 s there). ``--repeats`` caps the other counts (``--repeats 1``: a quick run).
 
-OpenMP's wait policy is set to PASSIVE unless the environment sets one (``OMP_WAIT_POLICY=ACTIVE`` to measure
-the default): with libgomp's default spinning, a 2-thread pool on 2 cores that other processes also use stalls
-at every barrier (measured: convnext_tiny batch 1 took 1.1-1.5 s instead of 0.16 s beside another engineer's
-job), which made the whole run take 20 minutes and its timings meaningless. The header prints the policy.
+OpenMP's wait policy: libgomp's default (spin a while, then sleep), what a laptop runs with, unless
+``--passive-omp`` (or the environment) sets OMP_WAIT_POLICY. Run on an idle machine: with the default spinning,
+a 2-thread pool on 2 cores that other processes also use stalls at every barrier (measured: convnext_tiny
+batch 1 took 1.1-1.5 s instead of 0.16 s beside another engineer's job). ``--passive-omp`` (threads sleep between
+parallel regions) survives a shared machine but charges every parallel region a wake-up: it made Vim-T, whose
+scan runs thousands of small parallel ops, 3x slower (468 ms instead of ~150 ms at batch 1, measured in
+session 3) and the earlier tables in RESULTS.md were taken with it. The header prints the policy.
 
 Run time of the full default run (the command line without options) on the project's 2-core AMD EPYC VM while
 other engineers' jobs kept the load average at 2.5-5.4: 298 s and 347 s in two runs (about 45 s batch 1,
@@ -40,9 +43,11 @@ other engineers' jobs kept the load average at 2.5-5.4: 298 s and 347 s in two r
 than on the idle machine, and single-pass rows the noisiest): compare ratios from one run, not across runs.
 """
 import os
+import sys
 
 # Before torch loads libgomp, which reads it once (see the docstring); the memory subprocesses inherit it.
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+if '--passive-omp' in sys.argv[1:]:
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import argparse
 import contextlib
@@ -51,7 +56,6 @@ import json
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -367,6 +371,8 @@ def main() -> None:
     parser.add_argument('--models', nargs='+', metavar='NAME', help=f'a subset: any of {", ".join(OURS)} (each '
                         'brings its baselines and reference path), or row names')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory subprocesses')
+    parser.add_argument('--passive-omp', action='store_true',
+                        help='OMP_WAIT_POLICY=PASSIVE: for a machine other jobs share (slows the scans; see above)')
     parser.add_argument('--json', metavar='PATH', help='also write the results as JSON')
     parser.add_argument('--memory-child', nargs=3, metavar=('ROW', 'BATCH', 'THREADS'), help=argparse.SUPPRESS)
     args = parser.parse_args()

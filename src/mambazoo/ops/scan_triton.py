@@ -67,8 +67,8 @@ def _bc_layout(M: Tensor, dim: int) -> Tuple[bool, int, Tuple[int, int, int, int
 
 
 def _groups(B: Tensor, C: Tensor, dim: int) -> Tuple[int, int, int]:
-    """Channel groups of the launch (the coarsest split in which B and C rows are each shared), and each
-    matrix's ratio launch-group -> own group."""
+    """Channel groups of the launch (the fewest, lcm(G_B, G_C), in which all channels of a group share one B row and
+    one C row), and for each matrix how many launch groups make one of its own groups."""
     g_b = 1 if B.dim() < 4 else B.shape[1]
     g_c = 1 if C.dim() < 4 else C.shape[1]
     groups = g_b * g_c // math.gcd(g_b, g_c)
@@ -116,7 +116,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
               height: int, width: int) -> Tuple[Tensor, Tensor]:
     """out (batch, dim, L) and the float32 state at every chunk start plus the last (batch, dim, chunks+1, N).
 
-    height, width > 0: a cross scan (``_cross_scan_triton``): u holds dim / 4 channels shared by the four
+    height, width > 0: a cross scan (``cross_selective_scan_triton``): u holds dim / 4 channels shared by the four
     directions, and out takes delta's layout; otherwise out takes u's.
     """
     from .scan_triton_kernels import selective_scan_fwd_kernel
