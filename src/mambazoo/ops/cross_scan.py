@@ -15,6 +15,11 @@ Because each is the other's transpose, each one's backward is the other's forwar
 ``cross_scan_index`` gives the four traversals as explicit index permutations of the row-major token order;
 ``cross_scan_ref`` / ``cross_merge_ref`` are the gather / scatter-add definitions built on it, the oracle the
 fast versions are tested against.
+
+``cross_scan_time_major`` / ``cross_merge_time_major`` are the same traversals in the layout the CPU scan walks,
+and ``cross_selective_scan`` is the whole of SS2D's core (traverse, scan, merge): what VMamba calls. On a GPU it
+runs as one Triton kernel that reads the traversals in place; the channel-major ``cross_scan`` / ``cross_merge``
+remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for porting.
 """
 from typing import Optional, Tuple
 
