@@ -57,13 +57,13 @@ def _block_sizes(length: int, d_state: int, dims_per_group: int, backward: bool 
     return block_d, block_n, block_l
 
 
-def _bc_layout(M: Tensor, dim: int) -> Tuple[bool, int, Tuple[int, int, int, int, int]]:
-    """(fixed?, groups, strides (batch, group, channel, n, step)) of B or C in any of its three layouts."""
+def _bc_layout(M: Tensor) -> Tuple[bool, Tuple[int, int, int, int, int]]:
+    """(fixed?, strides (batch, group, channel, n, step)) of B or C in any of its three layouts."""
     if M.dim() == 2:  # (dim, N)
-        return True, 1, (0, 0, M.stride(0), M.stride(1), 0)
+        return True, (0, 0, M.stride(0), M.stride(1), 0)
     if M.dim() == 3:  # (batch, N, L)
-        return False, 1, (M.stride(0), 0, 0, M.stride(1), M.stride(2))
-    return False, M.shape[1], (M.stride(0), M.stride(1), 0, M.stride(2), M.stride(3))
+        return False, (M.stride(0), 0, 0, M.stride(1), M.stride(2))
+    return False, (M.stride(0), M.stride(1), 0, M.stride(2), M.stride(3))
 
 
 def _groups(B: Tensor, C: Tensor, dim: int) -> Tuple[int, int, int]:
@@ -125,8 +125,8 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     out = _output_like(delta if cross else u)
     states = _output(_states_shape(delta, A), u)
     grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C)
-    b_fixed, _, b_strides = _bc_layout(B, delta.shape[1])
-    c_fixed, _, c_strides = _bc_layout(C, delta.shape[1])
+    b_fixed, b_strides = _bc_layout(B)
+    c_fixed, c_strides = _bc_layout(C)
     dummy = u  # stands for absent optional tensors (never read: their flags are off)
     selective_scan_fwd_kernel[grid](
         u, delta, A, B, C, dummy if D is None else D, dummy if z is None else z,
@@ -173,10 +173,11 @@ def _scan_bwd(dout: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A
     dbias = _output((batch, dim), u) if delta_bias is not None else unused
     grid, groups, ratio_b, ratio_c, dpg, bpg, (block_d, block_n, block_l) = _launch_geometry(delta, A, B, C,
                                                                                              backward=True)
-    b_fixed, _, b_strides = _bc_layout(B, dim)
-    c_fixed, _, c_strides = _bc_layout(C, dim)
-    db_strides = (0, 0, 0, 0) if b_fixed else _bc_layout(dB, dim)[2][:2] + _bc_layout(dB, dim)[2][3:]
-    dc_strides = (0, 0, 0, 0) if c_fixed else _bc_layout(dC, dim)[2][:2] + _bc_layout(dC, dim)[2][3:]
+    b_fixed, b_strides = _bc_layout(B)
+    c_fixed, c_strides = _bc_layout(C)
+    # per-step dB / dC: (batch, group, n, step) strides of the atomics' targets (no channel axis); fixed: unused
+    db_strides = (0, 0, 0, 0) if b_fixed else tuple(_bc_layout(dB)[1][i] for i in (0, 1, 3, 4))
+    dc_strides = (0, 0, 0, 0) if c_fixed else tuple(_bc_layout(dC)[1][i] for i in (0, 1, 3, 4))
     dlast = dlast.contiguous() if dlast is not None else None
     selective_scan_bwd_kernel[grid](
         u, delta, A, B, C, u if D is None else D, u if z is None else z, u if delta_bias is None else delta_bias,
