@@ -1,7 +1,8 @@
 """``selective_scan``: the one entry point every model calls; it picks the implementation.
 
 Backends:
-    "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default.
+    "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default. Its
+               float32 CPU inference runs a numba-compiled loop (``scan_numba``) when numba is installed.
     "ref"      the sequential definition (``scan_reference``); slow, for tests.
     "parallel" a log-depth associative scan without a loop over time (``scan_parallel``); what "auto" picks
                while a model is exported or traced (ONNX, TorchScript, torch.export).

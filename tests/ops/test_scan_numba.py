@@ -1,0 +1,238 @@
+"""The compiled CPU scan (``scan_numba``), which the chunked backend runs for float32 inference on CPU.
+
+Every comparison is against the float64 sequential reference on the same (float32-representable) inputs, and
+every test that means the compiled kernel checks that it ran (``kernel_calls``): a silent fallback to the
+pure-PyTorch path would otherwise pass unnoticed.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mambazoo.ops import scan_chunked, scan_numba, selective_scan, selective_scan_chunked, selective_scan_ref
+from test_selective_scan import assert_rel_close, cast, make_inputs
+
+pytestmark = pytest.mark.skipif(not scan_numba.numba_available(), reason='numba is not installed')
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one at each run of the compiled kernel."""
+    calls = []
+    real = scan_chunked.run_scan_kernel
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scan_chunked, 'run_scan_kernel', counting)
+    return calls
+
+
+def time_major(x):
+    """The same values as a (batch, dim, L) view of time-major (L, batch, dim) memory, as the Mamba mixer holds."""
+    return None if x is None else x.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+
+
+def reference(inputs, **flags):
+    return selective_scan_ref(**cast(inputs, torch.float64), **flags)
+
+
+CASES = [
+    # batch, dim, L, N, form of B and C, options
+    (1, 384, 197, 16, 'var', {}),  # Vim-T's scan
+    (2, 40, 50, 16, 'var', {}),  # dim not a multiple of the threads' 16-channel blocks
+    (2, 24, 33, 1, 4, {'z': False}),  # VMamba: N = 1, four groups (directions), no gate
+    (3, 8, 1, 4, 2, {}),  # one step
+    (1, 48, 300, 3, 'var', {'D': False, 'delta_bias': False}),
+    (2, 32, 64, 5, 'var', {'softplus': False, 'delta_range': (0.0, 3.0)}),
+]
+
+
+@pytest.mark.parametrize('layout', ['contiguous', 'time_major'])
+@pytest.mark.parametrize('batch,dim,length,n_state,form,options', CASES)
+def test_compiled_kernel_matches_reference(batch, dim, length, n_state, form, options, layout, kernel_calls):
+    softplus = options.get('softplus', True)
+    inputs = cast(make_inputs(batch, dim, length, n_state, b_form=form, c_form=form, seed=dim + length,
+                              **options), torch.float32)
+    if layout == 'time_major':
+        inputs = {k: time_major(v) if k in ('u', 'delta', 'z') else v for k, v in inputs.items()}
+    with torch.no_grad():
+        y, last = selective_scan_chunked(**inputs, delta_softplus=softplus, return_last_state=True)
+    assert kernel_calls, 'the compiled kernel did not run'
+    y_ref, last_ref = reference(inputs, delta_softplus=softplus, return_last_state=True)
+    assert y.dtype == torch.float32 and y.shape == y_ref.shape and last.shape == last_ref.shape
+    assert_rel_close(y, y_ref, 2e-6)
+    assert_rel_close(last, last_ref, 2e-6, 'last state')
+    # the output layout of the pure-PyTorch path (what the custom op's fake declares)
+    assert (y.permute(2, 0, 1) if layout == 'time_major' else y).is_contiguous()
+
+
+@pytest.mark.parametrize('threads', [1, 2, 3])
+def test_thread_count_does_not_change_the_result(threads, kernel_calls):
+    inputs = cast(make_inputs(2, 72, 40, 4, seed=3), torch.float32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            y = selective_scan_chunked(**inputs, delta_softplus=True)
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            y1 = selective_scan_chunked(**inputs, delta_softplus=True)
+    finally:
+        torch.set_num_threads(before)
+    assert len(kernel_calls) == 2
+    assert torch.equal(y, y1)  # each channel is computed the same way whichever thread runs it
+
+
+def test_half_precision_inputs_accumulate_in_float32(kernel_calls):
+    inputs = cast(make_inputs(2, 32, 60, 8, seed=5), torch.float16)
+    with torch.no_grad():
+        y = selective_scan_chunked(**inputs, delta_softplus=True)
+    assert kernel_calls and y.dtype == torch.float16
+    assert_rel_close(y, reference(inputs, delta_softplus=True), 5e-3)
+
+
+def test_extreme_steps(kernel_calls):
+    """Decays that underflow (delta*A far below -126 in log2) and steps above softplus's threshold of 20."""
+    inputs = cast(make_inputs(1, 16, 120, 4, seed=7, A_range=(-50.0, -0.01)), torch.float32)
+    inputs['delta'] = inputs['delta'] * 60  # pre-activations from about -90 to 90
+    with torch.no_grad():
+        y = selective_scan_chunked(**inputs, delta_softplus=True)
+    assert kernel_calls
+    assert_rel_close(y, reference(inputs, delta_softplus=True), 1e-5)
+
+
+@pytest.mark.parametrize('name', ['u', 'delta', 'z'])
+def test_nan_propagates_like_the_reference(name, kernel_calls):
+    inputs = cast(make_inputs(1, 16, 20, 4, seed=8), torch.float32)
+    inputs[name][0, 3, 5] = math.nan
+    with torch.no_grad():
+        y = selective_scan_chunked(**inputs, delta_softplus=True)
+    assert kernel_calls
+    expected = reference(inputs, delta_softplus=True)
+    assert expected.isnan().any()
+    assert torch.equal(y.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize('case', ['float64', 'fixed_B', 'mixed_groups', 'grad', 'disabled'])
+def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch):
+    """What the kernel does not take (float64, a fixed B, B and C with different group counts, autograd, or
+    MAMBAZOO_NUMBA=0) runs the pure-PyTorch path, with the same results."""
+    options = dict(b_form='fixed') if case == 'fixed_B' else dict(b_form=2, c_form='var') if case == 'mixed_groups' else {}
+    inputs = make_inputs(2, 8, 30, 4, seed=9, **options)
+    if case != 'float64':
+        inputs = cast(inputs, torch.float32)
+    if case == 'disabled':
+        monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
+    if case == 'grad':
+        inputs['u'].requires_grad_()
+        y = selective_scan_chunked(**inputs, delta_softplus=True)
+    else:
+        with torch.no_grad():
+            y = selective_scan_chunked(**inputs, delta_softplus=True)
+    assert not kernel_calls
+    assert_rel_close(y, reference(inputs, delta_softplus=True), 1e-10 if case == 'float64' else 1e-5)
+
+
+def test_dispatcher_auto_runs_the_kernel_on_cpu(kernel_calls):
+    inputs = cast(make_inputs(1, 16, 20, 4, seed=10), torch.float32)
+    with torch.no_grad():
+        selective_scan(**inputs, delta_softplus=True)
+    assert kernel_calls
+
+
+def test_kernel_agrees_with_the_pytorch_path(monkeypatch):
+    """The two float32 inference paths of the chunked backend, on a model-sized scan."""
+    inputs = cast(make_inputs(2, 96, 160, 16, seed=11), torch.float32)
+    with torch.no_grad():
+        y_kernel, last_kernel = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True)
+        monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
+        y_torch, last_torch = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True)
+    assert_rel_close(y_kernel, y_torch, 2e-6)
+    assert_rel_close(last_kernel, last_torch, 2e-6, 'last state')
+
+
+def _kernel_args(length=4, batch=1, dim=16, N=2, groups=1):
+    return dict(u=torch.zeros(length, batch, dim), delta=torch.zeros(length, batch, dim), z=None,
+                A=-torch.ones(dim, N), B=torch.zeros(length, batch, groups, N), C=torch.zeros(length, batch, groups, N),
+                D=None, delta_bias=None, delta_softplus=False, h=torch.zeros(batch, N, dim),
+                y=torch.empty(length, batch, dim))
+
+
+def test_run_scan_kernel_runs_on_valid_arguments():
+    args = _kernel_args()
+    args['y'].fill_(math.nan)
+    scan_numba.run_scan_kernel(**args)
+    assert torch.equal(args['y'], torch.zeros(4, 1, 16))  # zero inputs: every output written, all zero
+
+
+@pytest.mark.parametrize('name,bad,match', [
+    ('y', torch.empty(4, 1, 32)[..., ::2], 'contiguous'),
+    ('y', torch.empty(1, 4, 16), 'y must have shape'),  # a size-1 transpose: contiguous, wrong shape
+    ('h', torch.zeros(1, 16, 2), 'h must have shape'),
+    ('B', torch.zeros(4, 1, 1, 3), 'B must have shape'),
+    ('B', torch.zeros(4, 1, 3, 2), 'groups do not divide'),
+    ('delta', torch.zeros(3, 1, 16), 'delta must have shape'),
+])
+def test_run_scan_kernel_refuses_bad_arguments(name, bad, match):
+    """The compiled loop has no bounds checks: its launcher must refuse what would write out of bounds."""
+    args = _kernel_args()
+    args[name] = bad
+    if name == 'B' and match.startswith('groups'):
+        args['C'] = torch.zeros(4, 1, 3, 2)
+    with pytest.raises(ValueError, match=match):
+        scan_numba.run_scan_kernel(**args)
+
+
+# ------------------------------------------------------------------------- the kernel's exp2 and softplus
+
+def _elementwise(fn_name, x):
+    import numba
+
+    fn = getattr(scan_numba, fn_name)
+
+    @numba.njit(error_model='numpy')
+    def apply(values, out):
+        for i in range(values.shape[0]):
+            out[i] = fn(values[i])
+
+    out = np.empty_like(x)
+    apply(x, out)
+    return out
+
+
+def test_exp2_is_within_two_ulps():
+    x = np.concatenate([np.linspace(-125.9, 127.4, 400_003), np.random.default_rng(0).normal(0, 3, 10_000)])
+    x = x.astype(np.float32)
+    got = _elementwise('_exp2', x).astype(np.float64)
+    expected = np.exp2(x.astype(np.float64))
+    ulp = np.spacing(expected.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - expected) / ulp) <= 2.0
+
+
+def test_exp2_limits():
+    x = np.array([-1000.0, -126.0, 0.0, 127.0, 128.0, 1000.0, np.nan, -np.inf, np.inf], np.float32)
+    got = _elementwise('_exp2', x)
+    assert got[0] == got[1] == np.float32(2.0 ** -126)  # clamped, documented
+    assert got[2] == 1.0 and got[3] == np.float32(2.0 ** 127)
+    assert np.isinf(got[4]) and np.isinf(got[5]) and np.isinf(got[8])
+    assert np.isnan(got[6])
+    assert got[7] == np.float32(2.0 ** -126)
+
+
+def test_softplus_matches_float64():
+    x = np.concatenate([np.linspace(-87.0, 40.0, 200_003), [-1e-30, 0.0, 1e-30, 19.999, 20.0, 20.001],
+                        np.random.default_rng(1).normal(0, 1e-3, 10_000)]).astype(np.float32)
+    got = _elementwise('_softplus', x).astype(np.float64)
+    xd = x.astype(np.float64)
+    expected = np.logaddexp(0.0, xd)
+    rel = np.abs(got - expected) / expected
+    # the same bound as the pure-PyTorch softplus: exp2 of a rounded -|x|*log2(e) (|x| ulps), plus a few ulps
+    bound = (np.abs(xd) + 4) * np.finfo(np.float32).eps
+    assert np.all(rel <= bound), np.max(rel / bound)
+    assert np.isnan(_elementwise('_softplus', np.array([np.nan], np.float32)))[0]
