@@ -176,29 +176,44 @@ def code_path(row: Row) -> Iterator[None]:
 # -- the scan's workspace --------------------------------------------------------------------------------------
 
 def scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, bc_groups: int = 1, bc_copies: int = 2,
+                         compiled: bool = False, time_major: bool = True, gated: bool = True, threads: int = 2,
                          element_size: int = 4) -> int:
     """Bytes one inference call of the chunked scan allocates besides its (batch, dim, L) output.
 
-    From ``mambazoo.ops.scan_chunked`` (keep in step with it): in ``_scan_inference``, the three (T, batch, dim, N)
-    chunk buffers of ``_ChunkBuffers`` (decays, states, the product with C), T = ``auto_chunk_size`` capped at L;
-    the seven (P, batch, dim) block buffers (raw delta, delta, two softplus scratch, u, delta*u, y) with P the
-    block of about 64k elements, a whole number of chunks; the running state h (batch, dim, N) and A*log2(e)
-    (dim, N); and in ``_time_major_bc`` the contiguous time-major copies of per-step B and C, (L, batch, G, N)
-    each (``bc_groups`` G): ``bc_copies`` of them, 0 to 2 (none is made for a B or C already time-major, e.g.
-    Vim's, nor for a fixed (dim, N) one, which is only viewed). Checked against the allocations torch's
-    profiler sees in one call: equal to the byte.
+    From ``mambazoo.ops.scan_chunked`` (keep in step with it). Both paths: in ``_time_major_bc`` the contiguous
+    time-major copies of per-step B and C, (L, batch, G, N) each (``bc_groups`` G): ``bc_copies`` of them, 0 to
+    2 (none is made for a B or C already time-major, e.g. Vim's, nor for a fixed (dim, N) one, which is only
+    viewed).
+
+    ``compiled`` (``_scan_inference_compiled``, numba's loop, what float32 CPU inference runs): the state
+    (batch, N, dim) and the returned last state (batch, dim, N), A^T*log2(e) (N, dim) and a zero vector (dim);
+    unless the inputs are already ``time_major`` (the Mamba mixer's and VMamba's are), float32 time-major copies
+    of u, delta (and z when ``gated``) and the time-major y the output is copied from, (L, batch, dim) each;
+    and the kernel's three dim-sized buffers per thread (numba's, not PyTorch's).
+
+    Otherwise (the pure-PyTorch block loop, ``_scan_inference``): the three (T, batch, dim, N) chunk buffers of
+    ``_ChunkBuffers`` (decays, states, the product with C), T = ``auto_chunk_size`` capped at L; the seven
+    (P, batch, dim) block buffers (raw delta, delta, two softplus scratch, u, delta*u, y) with P the block of
+    about 64k elements, a whole number of chunks; the running state h (batch, dim, N) and A*log2(e) (dim, N).
+    Checked against the allocations torch's profiler sees in one call: equal to the byte (session 3).
     """
+    elements = bc_copies * length * batch * bc_groups * d_state
+    if compiled:
+        elements += 2 * batch * dim * d_state + dim * d_state + dim + 3 * dim * threads
+        if not time_major:
+            elements += (3 + int(gated)) * length * batch * dim
+        return elements * element_size
     from mambazoo.ops.scan_chunked import auto_chunk_size
     chunk = min(auto_chunk_size(batch, dim, d_state), length)
     block = min(length, max(chunk, (65536 // (batch * dim)) // chunk * chunk))
-    elements = (3 * chunk * batch * dim * d_state
-                + 7 * block * batch * dim
-                + batch * dim * d_state + dim * d_state
-                + bc_copies * length * batch * bc_groups * d_state)
+    elements += (3 * chunk * batch * dim * d_state
+                 + 7 * block * batch * dim
+                 + batch * dim * d_state + dim * d_state)
     return elements * element_size
 
 
-ScanShape = Tuple[int, int, int, int, int, int]  # batch, dim, L, N, groups of B and C, copies of B and C
+# batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?
+ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool]
 
 
 def _copied_in_scan(M: torch.Tensor) -> bool:
@@ -214,10 +229,19 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
     from mambazoo.ops import SCAN_BACKENDS as backends  # the dict the dispatcher reads at every call
     fast = backends['chunked']
 
+    from mambazoo.ops.scan_chunked import _compiled_kernel_applies, _time_major_bc
+    from mambazoo.ops.scan_reference import compute_dtype
+
     def recording(u, delta, A, B, C, *args, **kwargs):
         groups = 1 if B.dim() == 3 else (B.shape[1] if B.dim() == 4 else 0)
         copies = int(_copied_in_scan(B)) + int(_copied_in_scan(C))
-        shapes.append((u.shape[0], u.shape[1], u.shape[2], A.shape[1], groups, copies))
+        batch, dim, length = u.shape
+        compiled = _compiled_kernel_applies(u, _time_major_bc(B, batch, dim, length),
+                                            _time_major_bc(C, batch, dim, length), compute_dtype(u, A, B, C))
+        time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
+                         for x in (u, delta, kwargs.get('z')) if x is not None)
+        shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
+                       kwargs.get('z') is not None))
         return fast(u, delta, A, B, C, *args, **kwargs)
 
     backends['chunked'] = recording
@@ -453,9 +477,12 @@ def main() -> None:
     # The largest scan of each of our models (by the size of its state tensor) and its workspace.
     scans = {}
     for key, shapes in scan_shapes.items():
-        b, d, length, n, groups, copies = max(shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
+        b, d, length, n, groups, copies, compiled, time_major, gated = max(
+            shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
         scans[key] = dict(batch=b, dim=d, length=length, d_state=n, bc_groups=groups, bc_copies=copies,
-                          calls=len(shapes), workspace_bytes=scan_workspace_bytes(b, d, length, n, groups, copies),
+                          compiled=compiled, time_major=time_major, calls=len(shapes),
+                          workspace_bytes=scan_workspace_bytes(b, d, length, n, groups, copies, compiled,
+                                                               time_major, gated, args.threads),
                           state_tensor_bytes=b * d * length * n * 4)
 
     print()
@@ -502,8 +529,10 @@ def main() -> None:
     print()
     for note in notes:
         print(f'# {note}')
-    print(f'# scan workspace: scan_workspace_bytes of the recorded sizes (groups / copies of B and C: '
-          + ', '.join(f'{k} {s["bc_groups"]}/{s["bc_copies"]}' for k, s in scans.items())
+    print(f'# scan workspace: scan_workspace_bytes of the recorded sizes (groups / copies of B and C / path: '
+          + ', '.join(f'{k} {s["bc_groups"]}/{s["bc_copies"]}/'
+                      f'{("compiled" if s["compiled"] else "pytorch") + (", time-major" if s["time_major"] else "")}'
+                      for k, s in scans.items())
           + '); peak memory is the growth during a pass, without the weights')
     print(f'# total {elapsed:.0f} s, load average at the end {_load_average()} on {os.cpu_count()} CPUs')
 

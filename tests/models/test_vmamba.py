@@ -284,6 +284,8 @@ def test_released_configuration_hyper_parameters():
 # ------------------------------------------------------------------------ 5. SS2D: one scan, four directions
 
 def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(monkeypatch):
+    """The pure-PyTorch CPU path (what autograd and float64 take; here forced with MAMBAZOO_NUMBA=0)."""
+    monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
     model = small_model().eval()
     calls = []
     real = cross_scan_ops.selective_scan  # what cross_selective_scan calls on a CPU
@@ -303,6 +305,27 @@ def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(
     assert first['B'] == first['C'] == (2, 4, 2, L)
     assert first['A'] == (4 * d_inner, 2) and first['D'] == (4 * d_inner,)
     assert calls[-1]['u'] == (2, 4 * 64 * 2, 2 * 3)
+
+
+def test_one_compiled_cross_scan_per_block_in_cpu_inference(monkeypatch):
+    """float32 CPU inference: one call of the compiled cross kernel per block, all four directions in it."""
+    from mambazoo.ops import scan_numba
+    if not scan_numba.numba_available():
+        pytest.skip('numba is not installed')
+    model = small_model().eval()
+    calls = []
+    real = cross_scan_ops.run_cross_scan_kernel
+
+    def spy(x, delta, A, B, C, *args):
+        calls.append(dict(x=tuple(x.shape), delta=tuple(delta.shape), A=tuple(A.shape), B=tuple(B.shape)))
+        return real(x, delta, A, B, C, *args)
+
+    monkeypatch.setattr(cross_scan_ops, 'run_cross_scan_kernel', spy)
+    with torch.no_grad():
+        model(images(2, 3, 64, 96))
+    assert len(calls) == sum(SMALL['depths'])
+    d_inner, L = 16, 16 * 24
+    assert calls[0] == dict(x=(2, L, d_inner), delta=(2, L, 4, d_inner), A=(4 * d_inner, 2), B=(2, L, 4, 2))
 
 
 def test_ss2d_equals_four_separate_scans_along_explicit_permutations():

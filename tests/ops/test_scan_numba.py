@@ -4,6 +4,7 @@ Every comparison is against the float64 sequential reference on the same (float3
 every test that means the compiled kernel checks that it ran (``kernel_calls``): a silent fallback to the
 pure-PyTorch path would otherwise pass unnoticed.
 """
+import importlib
 import math
 
 import numpy as np
@@ -69,24 +70,34 @@ def test_compiled_kernel_matches_reference(batch, dim, length, n_state, form, op
     assert (y.permute(2, 0, 1) if layout == 'time_major' else y).is_contiguous()
 
 
-@pytest.mark.parametrize('threads', [1, 2, 3])
-def test_thread_count_does_not_change_the_result(threads, kernel_calls):
+@pytest.mark.parametrize('threads', ['1', '2', '3'])
+def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypatch):
+    """MAMBAZOO_SCAN_THREADS forces the channel split (small calls otherwise run on one thread)."""
     inputs = cast(make_inputs(2, 72, 40, 4, seed=3), torch.float32)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        with torch.no_grad():
-            y = selective_scan_chunked(**inputs, delta_softplus=True)
-    finally:
-        torch.set_num_threads(before)
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            y1 = selective_scan_chunked(**inputs, delta_softplus=True)
-    finally:
-        torch.set_num_threads(before)
+    with torch.no_grad():
+        monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
+        y = selective_scan_chunked(**inputs, delta_softplus=True)
+        monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', '1')
+        y1 = selective_scan_chunked(**inputs, delta_softplus=True)
     assert len(kernel_calls) == 2
     assert torch.equal(y, y1)  # each channel is computed the same way whichever thread runs it
+    assert_rel_close(y, reference(inputs, delta_softplus=True), 2e-6)
+
+
+def test_large_calls_split_between_threads(monkeypatch):
+    """Above SPLIT_MIN_STATE_UPDATES the channels are split between PyTorch's threads."""
+    ranges = []
+    monkeypatch.setattr(scan_numba, 'SPLIT_MIN_STATE_UPDATES', 1000)
+    monkeypatch.delenv('MAMBAZOO_SCAN_THREADS', raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scan_numba._run_split(lambda c0, c1: ranges.append((c0, c1)), [], 72, 2000)
+        scan_numba._run_split(lambda c0, c1: ranges.append((c0, c1)), [], 72, 10)
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(ranges[:2]) == [(0, 32), (32, 72)]  # whole 16-channel blocks
+    assert ranges[2:] == [(0, 72)]
 
 
 def test_half_precision_inputs_accumulate_in_float32(kernel_calls):
@@ -187,6 +198,86 @@ def test_run_scan_kernel_refuses_bad_arguments(name, bad, match):
         args['C'] = torch.zeros(4, 1, 3, 2)
     with pytest.raises(ValueError, match=match):
         scan_numba.run_scan_kernel(**args)
+
+
+# ----------------------------------------------------------------------------------- the cross scan kernel
+
+def _cross_inputs(batch, height, width, d, rank, n_state, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    return dict(x=randn(batch, d, height, width).permute(0, 2, 3, 1),  # channels-last view, as VMamba has it
+                dts=randn(batch, height, width, 4, rank, scale=0.5), dt_weight=randn(4, d, rank, scale=0.5),
+                A=-(0.05 + torch.rand(4 * d, n_state, generator=gen, dtype=torch.float64) * 2).to(dtype),
+                B=randn(batch, height, width, 4, n_state), C=randn(batch, height, width, 4, n_state),
+                D=randn(4 * d), delta_bias=randn(4 * d, scale=0.5))
+
+
+@pytest.fixture
+def cross_kernel_calls(monkeypatch):
+    cross_scan = importlib.import_module('mambazoo.ops.cross_scan')  # the module (the package exports a function)
+    calls = []
+    real = cross_scan.run_cross_scan_kernel
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cross_scan, 'run_cross_scan_kernel', counting)
+    return calls
+
+
+@pytest.mark.parametrize('threads', ['1', '2'])
+@pytest.mark.parametrize('shape', [(1, 6, 9, 32, 3, 1), (2, 5, 4, 48, 4, 4), (1, 1, 7, 16, 2, 2), (3, 3, 3, 20, 2, 1)])
+def test_cross_kernel_matches_reference(shape, threads, cross_kernel_calls, monkeypatch):
+    from mambazoo.ops import cross_selective_scan
+    monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
+    inputs = _cross_inputs(*shape, seed=sum(shape))
+    with torch.no_grad():
+        y = cross_selective_scan(**inputs, delta_softplus=True)
+    assert cross_kernel_calls, 'the compiled cross kernel did not run'
+    expected = cross_selective_scan(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True, backend='ref')
+    assert y.dtype == torch.float32 and y.shape == expected.shape
+    assert_rel_close(y, expected, 2e-6)
+
+
+def test_cross_kernel_without_softplus_and_optional_inputs(cross_kernel_calls):
+    from mambazoo.ops import cross_selective_scan
+    inputs = _cross_inputs(2, 4, 6, 16, 2, 3, seed=5)
+    inputs['dts'] = inputs['dts'].abs()  # positive step sizes: no softplus
+    inputs['dt_weight'] = inputs['dt_weight'].abs()
+    inputs.update(D=None, delta_bias=None)
+    with torch.no_grad():
+        y = cross_selective_scan(**inputs)
+    assert cross_kernel_calls
+    expected = cross_selective_scan(**{k: None if v is None else v.double() for k, v in inputs.items()},
+                                    backend='ref')
+    assert_rel_close(y, expected, 2e-6)
+
+
+def test_cross_scan_with_autograd_takes_the_pytorch_path(cross_kernel_calls):
+    from mambazoo.ops import cross_selective_scan
+    inputs = _cross_inputs(1, 4, 4, 16, 2, 1, seed=6)
+    inputs['x'] = inputs['x'].detach().requires_grad_()
+    y = cross_selective_scan(**inputs, delta_softplus=True)
+    y.sum().backward()
+    assert not cross_kernel_calls and inputs['x'].grad is not None
+
+
+def test_cross_kernel_refuses_bad_positions():
+    length = 6
+    args = dict(x=torch.zeros(1, length, 16), delta=torch.zeros(1, length, 4, 16), A=-torch.ones(64, 1),
+                B=torch.zeros(1, length, 4, 1), C=torch.zeros(1, length, 4, 1), D=None, delta_bias=None,
+                delta_softplus=False)
+    bad = torch.arange(length).repeat(4, 1)
+    bad[2, 3] = length  # one past the end: would write outside the output
+    with pytest.raises(ValueError, match='positions'):
+        scan_numba.run_cross_scan_kernel(**args, positions=bad)
+    with pytest.raises(ValueError, match='delta must have shape'):
+        scan_numba.run_cross_scan_kernel(**{**args, 'delta': torch.zeros(1, length, 16)},
+                                         positions=torch.arange(length).repeat(4, 1))
 
 
 # ------------------------------------------------------------------------- the kernel's exp2 and softplus

@@ -18,14 +18,17 @@ fast versions are tested against.
 
 ``cross_scan_time_major`` / ``cross_merge_time_major`` are the same traversals in the layout the CPU scan walks,
 and ``cross_selective_scan`` is the whole of SS2D's core (traverse, scan, merge): what VMamba calls. On a GPU it
-runs as one Triton kernel that reads the traversals in place; the channel-major ``cross_scan`` / ``cross_merge``
+runs as one Triton kernel that reads the traversals in place, and so does CPU inference, as a numba-compiled loop; the channel-major ``cross_scan`` / ``cross_merge``
 remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for porting.
 """
+import functools
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .scan_numba import numba_available, run_cross_scan_kernel
+from .scan_reference import compute_dtype
 from .scan_triton import cross_selective_scan_triton
 from .selective_scan import resolve_scan_backend, selective_scan
 
@@ -175,6 +178,21 @@ def cross_merge_time_major(ys: Tensor, height: int, width: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # The whole four-direction selective scan of VMamba's SS2D.
 
+@functools.lru_cache(maxsize=16)
+def _positions(height: int, width: int) -> Tensor:
+    """``cross_scan_index`` on the CPU, kept: the compiled cross scan asks for it at every call."""
+    return cross_scan_index(height, width)
+
+
+def _compiled_cross_scan_applies(inputs: Tuple[Optional[Tensor], ...]) -> bool:
+    """Whether ``scan_numba``'s cross kernel takes this call: float32 inference on a CPU (numba installed), not
+    while torch.compile traces (it cannot trace the compiled loop; the chunked scan's custom op runs instead)."""
+    tensors = [t for t in inputs if t is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return (not needs_grad and not torch.compiler.is_compiling() and numba_available()
+            and all(t.device.type == 'cpu' for t in tensors) and compute_dtype(*tensors) == torch.float32)
+
+
 def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                          delta_softplus: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -188,17 +206,29 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
         A: (4 * d, N); D, delta_bias: (4 * d,), direction-major, as VMamba stores them.
         B, C: (batch, H, W, 4, N) per token and direction.
         backend: as ``selective_scan``'s. With the Triton backend the traversals are read in place by one fused
-            kernel (``cross_selective_scan_triton``); otherwise they are copied time-major
-            (``cross_scan_time_major``) and the small per-token inputs are traversed before the step-size
-            projection, which is cheaper than traversing its d-wide result.
+            kernel (``cross_selective_scan_triton``); so they are for float32 inference on a CPU, by numba's
+            compiled loop (``scan_numba.run_cross_scan_kernel``); otherwise (autograd, float64, torch.compile)
+            they are copied time-major (``cross_scan_time_major``) and the small per-token inputs are traversed
+            before the step-size projection, which is cheaper than traversing its d-wide result.
     Returns:
         (batch, H, W, d): each direction's output put back on the grid, the four summed.
     """
     batch, height, width, d_inner = x.shape
     length = height * width
-    if resolve_scan_backend(x, backend, (dts, dt_weight, A, B, C, D, delta_bias)) == 'triton':
+    inputs = (x, dts, dt_weight, A, B, C, D, delta_bias)
+    name = resolve_scan_backend(x, backend, inputs[1:])
+    if name == 'triton':
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    if name == 'chunked' and _compiled_cross_scan_applies(inputs):
+        # CPU inference: the compiled loop reads every direction's steps in place and merges as it goes
+        delta = torch.einsum('bhwkr,kdr->bhwkd', dts.float(), dt_weight.float())
+        K, N = B.shape[3], B.shape[4]
+        out = run_cross_scan_kernel(
+            x.reshape(batch, length, d_inner).float(), delta.reshape(batch, length, K, d_inner), A.float(),
+            B.reshape(batch, length, K, N).float(), C.reshape(batch, length, K, N).float(), D, delta_bias,
+            delta_softplus, _positions(height, width))
+        return out.view(batch, height, width, d_inner).to(x.dtype)
     xs = cross_scan_time_major(x)  # (L, batch, 4, d)
     dts, B, C = (cross_scan_time_major(t) for t in (dts, B, C))  # (L, batch, 4, R or N)
     delta = torch.einsum('lbkr,kdr->lbkd', dts, dt_weight).reshape(length, batch, 4 * d_inner)

@@ -13,8 +13,9 @@ lanes. exp2 is a degree-6 polynomial on the fraction with the power of two built
 vectorised exp without Intel's SVML); it is exact to about an ulp of float32. Divisions use numpy's error model
 (no ZeroDivisionError check, which would keep LLVM from vectorising the loops).
 
-Channels are split between ``torch.get_num_threads()`` threads (numba releases the GIL), so the kernel uses
-the cores PyTorch was told to use, and no second thread pool (numba's own) competes with PyTorch's.
+Large calls split their channels between ``torch.get_num_threads()`` threads (numba releases the GIL): the
+cores PyTorch was told to use, and no second thread pool (numba's own) beside PyTorch's; small calls run on the
+calling thread (see SPLIT_MIN_STATE_UPDATES).
 Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64 and for layouts this kernel
 does not take (fixed B/C, different group counts for B and C).
 """
@@ -35,7 +36,7 @@ try:  # numba is a dependency, but the pure-PyTorch path covers a platform witho
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ['numba_available', 'run_scan_kernel']
+__all__ = ['numba_available', 'run_scan_kernel', 'run_cross_scan_kernel']
 
 LOG2_E = math.log2(math.e)
 
@@ -93,6 +94,43 @@ if numba is not None:
         log1p_e = log_w - ((w - np.float32(1.0)) - e) / w
         return (x if not x < np.float32(0.0) else np.float32(0.0)) + log1p_e  # a NaN x stays NaN
 
+    @numba.njit(inline='always', fastmath={'contract'}, error_model='numpy')
+    def _step(h, A2t, a_lo, u_t, delta_t, bias, D, b_t, c_t, step, step_u, acc, softplus):
+        """One time step for a slice of channels: acc = sum_n C_n h_n + D u, the states h (N, width) updated.
+
+        Every argument but h and A2t (columns a_lo ...) is a 1-D slice of the channels, indexed from 0: numba
+        then knows no index is negative (no wrap-around code) and LLVM vectorises the channel loops.
+        b_t, c_t: (N,) this step's B and C. step, step_u, acc: scratch of the slice's width.
+        """
+        width = acc.shape[0]
+        if h.shape[0] == 1:  # N = 1 (VMamba): one fused loop; separate loops cost more than the arithmetic
+            b, c, h_0, a_0 = b_t[0], c_t[0], h[0], A2t[0, a_lo:a_lo + width]
+            for j in range(width):
+                dt = delta_t[j] + bias[j]
+                if softplus:
+                    dt = _softplus(dt)
+                state = _exp2(dt * a_0[j]) * h_0[j] + dt * u_t[j] * b
+                h_0[j] = state
+                acc[j] = state * c + D[j] * u_t[j]
+            return
+        if softplus:
+            for j in range(width):
+                step[j] = _softplus(delta_t[j] + bias[j])
+        else:
+            for j in range(width):
+                step[j] = delta_t[j] + bias[j]
+        for j in range(width):
+            step_u[j] = step[j] * u_t[j]
+            acc[j] = D[j] * u_t[j]
+        for n in range(h.shape[0]):
+            b = b_t[n]
+            c = c_t[n]
+            h_n, a_n = h[n], A2t[n, a_lo:a_lo + width]
+            for j in range(width):
+                state = _exp2(step[j] * a_n[j]) * h_n[j] + step_u[j] * b
+                h_n[j] = state
+                acc[j] += state * c
+
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
     def _scan_channels(u, delta, z, A2t, B, C, D, bias, h, y, softplus, gate, c0, c1):
         """The whole scan for channels [c0, c1), every batch and step.
@@ -104,46 +142,60 @@ if numba is not None:
         length, batch, dim = u.shape
         groups, N = B.shape[2], B.shape[3]
         per_group = dim // groups
-        step = np.empty(dim, np.float32)  # delta after bias and softplus
-        step_u = np.empty(dim, np.float32)  # delta * u
-        acc = np.empty(dim, np.float32)
-        for i in range(batch):
-            for t in range(length):
-                for g in range(groups):
-                    lo = max(c0, g * per_group)
-                    hi = min(c1, (g + 1) * per_group)
-                    if lo >= hi:
-                        continue
-                    # 1-D slices indexed from 0: numba then knows no index is negative (no wrap-around code)
-                    # and LLVM vectorises the channel loops
-                    delta_t, u_t, bias_g, D_g = delta[t, i, lo:hi], u[t, i, lo:hi], bias[lo:hi], D[lo:hi]
-                    step_g, step_u_g, acc_g = step[lo:hi], step_u[lo:hi], acc[lo:hi]
-                    if softplus:
-                        for j in range(hi - lo):
-                            step_g[j] = _softplus(delta_t[j] + bias_g[j])
-                    else:
-                        for j in range(hi - lo):
-                            step_g[j] = delta_t[j] + bias_g[j]
-                    for j in range(hi - lo):
-                        step_u_g[j] = step_g[j] * u_t[j]
-                        acc_g[j] = D_g[j] * u_t[j]
-                    for n in range(N):
-                        b = B[t, i, g, n]
-                        c = C[t, i, g, n]
-                        h_n, a_n = h[i, n, lo:hi], A2t[n, lo:hi]
-                        for j in range(hi - lo):
-                            state = _exp2(step_g[j] * a_n[j]) * h_n[j] + step_u_g[j] * b
-                            h_n[j] = state
-                            acc_g[j] += state * c
+        for g in range(groups):
+            lo = max(c0, g * per_group)
+            hi = min(c1, (g + 1) * per_group)
+            if lo >= hi:
+                continue
+            width = hi - lo
+            # contiguous scratch: a (N, width) slice of h would have rows of unknown stride, and not vectorise
+            state = np.empty((N, width), np.float32)
+            step = np.empty(width, np.float32)  # delta after bias and softplus
+            step_u = np.empty(width, np.float32)  # delta * u
+            acc = np.empty(width, np.float32)
+            for i in range(batch):
+                state[:] = h[i, :, lo:hi]
+                for t in range(length):
+                    _step(state, A2t, lo, u[t, i, lo:hi], delta[t, i, lo:hi], bias[lo:hi], D[lo:hi],
+                          B[t, i, g], C[t, i, g], step, step_u, acc, softplus)
                     y_t = y[t, i, lo:hi]
                     if gate:
                         z_t = z[t, i, lo:hi]
-                        for j in range(hi - lo):
+                        for j in range(width):
                             zj = z_t[j]
-                            y_t[j] = acc_g[j] * (zj / (np.float32(1.0) + _exp2(-zj * np.float32(LOG2_E))))
+                            y_t[j] = acc[j] * (zj / (np.float32(1.0) + _exp2(-zj * np.float32(LOG2_E))))
                     else:
-                        for j in range(hi - lo):
-                            y_t[j] = acc_g[j]
+                        for j in range(width):
+                            y_t[j] = acc[j]
+                h[i, :, lo:hi] = state
+
+    @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
+    def _cross_scan_channels(x, delta, A2t, B, C, D, bias, positions, out, softplus, c0, c1):
+        """VMamba's four-direction scan for channels [c0, c1) of every direction, merged on the grid.
+
+        x, out: (batch, L, d) row-major tokens; every direction reads x, and out (zeros on entry) receives the
+        sum of the directions' outputs, each at its token's place. delta: (batch, L, K, d), B, C: (batch, L, K, N),
+        per token and direction. positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T *
+        log2(e); D, bias: (K*d,), direction-major. The states start at zero.
+        """
+        batch, length, dim = x.shape
+        K, N = B.shape[2], B.shape[3]
+        width = c1 - c0
+        state = np.empty((N, width), np.float32)
+        step = np.empty(width, np.float32)
+        step_u = np.empty(width, np.float32)
+        acc = np.empty(width, np.float32)
+        for i in range(batch):
+            for k in range(K):
+                state[:] = 0
+                lo = k * dim + c0  # this direction's channels in A2t, D, bias
+                for t in range(length):
+                    p = positions[k, t]
+                    _step(state, A2t, lo, x[i, p, c0:c1], delta[i, p, k, c0:c1], bias[lo:lo + width],
+                          D[lo:lo + width], B[i, p, k], C[i, p, k], step, step_u, acc, softplus)
+                    out_p = out[i, p, c0:c1]
+                    for j in range(width):
+                        out_p[j] += acc[j]
 
 
 _pool: Optional[ThreadPoolExecutor] = None
@@ -191,15 +243,59 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     gate = z is not None
     # C-contiguous arrays: numba compiles (and vectorises) one specialisation for them
     arrays = [x.contiguous().numpy() for x in (u, delta, z if gate else u, A2t, B, C, D, bias, h, y)]
-    # Whole SIMD-width blocks of channels per thread; each thread writes only its channels.
-    threads = max(1, min(torch.get_num_threads(), dim // 16))
-    bounds = [dim * k // threads // 16 * 16 for k in range(threads)] + [dim]
-    args = arrays + [delta_softplus, gate]
+    _run_split(_scan_channels, arrays + [delta_softplus, gate], dim, length * batch * dim * N)
+
+
+def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          delta_bias: Optional[Tensor], delta_softplus: bool, positions: Tensor) -> Tensor:
+    """VMamba's cross selective scan by the compiled loop: every direction reads x and delta at the token of its
+    step, and the directions' outputs are summed at their tokens (no traversed or merged copy is made).
+
+    x: float32 (batch, L, d) row-major tokens; delta: float32 (batch, L, K, d) per token and direction (before
+    bias and softplus); B, C: float32 (batch, L, K, N); A: (K*d, N); D, delta_bias: (K*d,) or None, direction-
+    major; positions: (K, L) int, the token of each direction's step. Returns (batch, L, d) float32.
+    """
+    batch, length, dim = x.shape
+    K, N = B.shape[2], B.shape[3]
+    expected = {'x': (x, (batch, length, dim)), 'delta': (delta, (batch, length, K, dim)),
+                'B': (B, (batch, length, K, N)), 'C': (C, (batch, length, K, N)), 'A': (A, (K * dim, N)),
+                'positions': (positions, (K, length))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f'run_cross_scan_kernel: {name} must have shape {shape}, got {tuple(t.shape)}')
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
+        raise ValueError(f'run_cross_scan_kernel: positions must lie in [0, {length})')
+    A2t = (A.t() * LOG2_E).contiguous()
+    zeros = A2t.new_zeros(K * dim)
+    D = D.float() if D is not None else zeros
+    bias = delta_bias.float() if delta_bias is not None else zeros
+    out = torch.zeros(batch, length, dim, dtype=torch.float32)
+    arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias)]
+    _run_split(_cross_scan_channels, arrays + [positions.to(torch.int64).contiguous().numpy(), out.numpy(),
+                                               delta_softplus], dim, batch * length * K * dim * N)
+    return out
+
+
+# A second thread pays only for large calls: right after a PyTorch op, libgomp's idle worker keeps spinning
+# (its default wait policy) on the core the second thread needs. Measured on 2 cores (Vim-T, VMamba-T, batch 1
+# and 8): one thread was faster for every call below about 10M state updates, two for Vim-T's 19M at batch 8.
+SPLIT_MIN_STATE_UPDATES = 16_000_000
+
+
+def _run_split(kernel, args: list, dim: int, state_updates: int) -> None:
+    """Run kernel(*args, c0, c1) over channel ranges covering [0, dim): one range, or, for calls of at least
+    SPLIT_MIN_STATE_UPDATES, one per thread (PyTorch's count, or MAMBAZOO_SCAN_THREADS), in whole SIMD-width
+    blocks of 16 channels; each range is written by one thread only."""
+    threads = int(os.environ.get('MAMBAZOO_SCAN_THREADS', torch.get_num_threads()))
+    if state_updates < SPLIT_MIN_STATE_UPDATES and 'MAMBAZOO_SCAN_THREADS' not in os.environ:
+        threads = 1
+    threads = max(1, min(threads, dim // 16))
     if threads == 1:
-        _scan_channels(*args, 0, dim)
+        kernel(*args, 0, dim)
         return
+    bounds = [dim * k // threads // 16 * 16 for k in range(threads)] + [dim]
     pool = _thread_pool(threads - 1)
-    futures = [pool.submit(_scan_channels, *args, bounds[k], bounds[k + 1]) for k in range(1, threads)]
-    _scan_channels(*args, bounds[0], bounds[1])
+    futures = [pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1])
     for f in futures:
         f.result()
