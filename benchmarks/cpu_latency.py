@@ -212,8 +212,25 @@ def scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, bc_gro
     return elements * element_size
 
 
-# batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?
-ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool]
+def cross_scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, x_copied: bool,
+                               threads: int = 2, element_size: int = 4) -> int:
+    """Bytes the compiled cross scan (VMamba's float32 CPU inference, ``cross_selective_scan`` ->
+    ``scan_numba.run_cross_scan_kernel``) allocates besides its (batch, L, d) output; ``dim`` is 4 * d.
+
+    From the code (keep in step with it): the step sizes per token and direction (batch, L, 4, d) from the
+    einsum; the copies of B and C out of x_proj's output (batch, L, 4, N) each; a row-major copy of x
+    (batch, L, d) when it is not contiguous; A^T*log2(e) (N, 4d) and a zero vector (4d); and the kernel's
+    per-thread scratch, a (N, d) state and three d-sized buffers (numba's).
+    """
+    d = dim // 4
+    elements = (batch * length * dim + 2 * batch * length * 4 * d_state + int(x_copied) * batch * length * d
+                + d_state * dim + dim + (d_state + 3) * d * threads)
+    return elements * element_size
+
+
+# batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?,
+# the cross scan (dim = 4 d; "copies" then says whether x was copied)?
+ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool, bool]
 
 
 def _copied_in_scan(M: torch.Tensor) -> bool:
@@ -241,14 +258,27 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
         time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
                          for x in (u, delta, kwargs.get('z')) if x is not None)
         shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
-                       kwargs.get('z') is not None))
+                       kwargs.get('z') is not None, False))
         return fast(u, delta, A, B, C, *args, **kwargs)
 
+    import importlib
+    cross_module = importlib.import_module('mambazoo.ops.cross_scan')
+    cross_kernel = cross_module.run_cross_scan_kernel
+
+    def recording_cross(x, delta, A, B, *args):
+        # x arrives as a (batch, L, d) float32 view or copy; the copy is made when the map was not contiguous
+        batch, length, _ = x.shape
+        shapes.append((batch, A.shape[0], length, A.shape[1], B.shape[2], 1 - int(x._base is not None), True,
+                       False, False, True))
+        return cross_kernel(x, delta, A, B, *args)
+
     backends['chunked'] = recording
+    cross_module.run_cross_scan_kernel = recording_cross
     try:
         yield
     finally:
         backends['chunked'] = fast
+        cross_module.run_cross_scan_kernel = cross_kernel
 
 
 # -- building, timing, memory ----------------------------------------------------------------------------------
@@ -477,13 +507,13 @@ def main() -> None:
     # The largest scan of each of our models (by the size of its state tensor) and its workspace.
     scans = {}
     for key, shapes in scan_shapes.items():
-        b, d, length, n, groups, copies, compiled, time_major, gated = max(
+        b, d, length, n, groups, copies, compiled, time_major, gated, cross = max(
             shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
+        workspace = (cross_scan_workspace_bytes(b, d, length, n, bool(copies), args.threads) if cross else
+                     scan_workspace_bytes(b, d, length, n, groups, copies, compiled, time_major, gated, args.threads))
         scans[key] = dict(batch=b, dim=d, length=length, d_state=n, bc_groups=groups, bc_copies=copies,
-                          compiled=compiled, time_major=time_major, calls=len(shapes),
-                          workspace_bytes=scan_workspace_bytes(b, d, length, n, groups, copies, compiled,
-                                                               time_major, gated, args.threads),
-                          state_tensor_bytes=b * d * length * n * 4)
+                          compiled=compiled, time_major=time_major, cross=cross, calls=len(shapes),
+                          workspace_bytes=workspace, state_tensor_bytes=b * d * length * n * 4)
 
     print()
     print(f'| model | batch 1 ms | batch 8 ms | batch 8 img/s | peak MB, batch 8 | largest scan (B, D, L, N), '
@@ -532,6 +562,7 @@ def main() -> None:
     print(f'# scan workspace: scan_workspace_bytes of the recorded sizes (groups / copies of B and C / path: '
           + ', '.join(f'{k} {s["bc_groups"]}/{s["bc_copies"]}/'
                       f'{("compiled" if s["compiled"] else "pytorch") + (", time-major" if s["time_major"] else "")}'
+                      f'{", cross" if s["cross"] else ""}'
                       for k, s in scans.items())
           + '); peak memory is the growth during a pass, without the weights')
     print(f'# total {elapsed:.0f} s, load average at the end {_load_average()} on {os.cpu_count()} CPUs')

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mambazoo.ops import scan_chunked, scan_numba, selective_scan, selective_scan_chunked, selective_scan_ref
 from test_selective_scan import assert_rel_close, cast, make_inputs
@@ -327,3 +328,41 @@ def test_softplus_matches_float64():
     bound = (np.abs(xd) + 4) * np.finfo(np.float32).eps
     assert np.all(rel <= bound), np.max(rel / bound)
     assert np.isnan(_elementwise('_softplus', np.array([np.nan], np.float32)))[0]
+
+
+# --------------------------------------------------------------- the Mamba mixer's causal conv1d + SiLU
+
+def _conv_reference(x, weight, bias):
+    """silu(causal depthwise conv1d) by F.conv1d in float64 on the (batch, C, L) layout: an independent path."""
+    k = weight.shape[-1]
+    y = F.conv1d(x.double().permute(1, 2, 0), weight.double(), None if bias is None else bias.double(),
+                 padding=k - 1, groups=x.shape[2])[..., :x.shape[0]]
+    return F.silu(y).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize('length,batch,channels,k,bias', [
+    (197, 1, 768, 4, True), (30, 3, 40, 4, False), (2, 2, 16, 4, True), (1, 1, 24, 3, True), (25, 2, 33, 2, True)])
+def test_causal_conv1d_silu_kernel_matches_conv1d(length, batch, channels, k, bias, monkeypatch):
+    from mambazoo.models import _blocks
+    calls = []
+    real = _blocks.run_causal_conv1d_silu
+    monkeypatch.setattr(_blocks, 'run_causal_conv1d_silu', lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(length + channels)
+    x = torch.randn(length, batch, channels, generator=gen)
+    weight = torch.randn(channels, 1, k, generator=gen) * 0.5
+    b = torch.randn(channels, generator=gen) if bias else None
+    with torch.no_grad():
+        got = _blocks.causal_conv1d_silu(x, weight, b)
+    assert calls, 'the compiled conv did not run'
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert_rel_close(got, _conv_reference(x, weight, b), 2e-6)
+
+
+def test_causal_conv1d_silu_with_autograd_is_differentiable(monkeypatch):
+    from mambazoo.models import _blocks
+    monkeypatch.setattr(_blocks, 'run_causal_conv1d_silu', lambda *a: pytest.fail('the compiled conv ran'))
+    x = torch.randn(10, 2, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(16, 1, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_blocks.causal_conv1d_silu, (x, weight, b))
+    assert_rel_close(_blocks.causal_conv1d_silu(x, weight, b), _conv_reference(x, weight, b), 1e-12)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
+from ..ops.scan_numba import numba_available, run_causal_conv1d_silu
 
-__all__ = ['Mamba', 'causal_conv1d_time_major']
+__all__ = ['Mamba', 'causal_conv1d_time_major', 'causal_conv1d_silu']
 
 
 def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -45,6 +46,18 @@ def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     for shift in range(1, min(k, length)):
         out[shift:].addcmul_(x[:-shift], w[:, k - 1 - shift])
     return out
+
+
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``F.silu(causal_conv1d_time_major(x, weight, bias))``; for float32 inference on a CPU in one compiled
+    pass (``scan_numba.run_causal_conv1d_silu``) instead of k + 1 PyTorch passes over x."""
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if (x.device.type == 'cpu' and x.dtype == torch.float32 and numba_available()
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+            and not torch.compiler.is_exporting()):
+        return run_causal_conv1d_silu(x, weight, bias)
+    return F.silu(causal_conv1d_time_major(x, weight, bias))
 
 
 class Mamba(nn.Module):
@@ -177,7 +190,7 @@ class Mamba(nn.Module):
         else:
             x = x.contiguous()
             conv_w, conv_b = self.conv1d.weight, self.conv1d.bias
-        u = F.silu(causal_conv1d_time_major(x, conv_w, conv_b))  # (L, B, C), C = d_inner or 2 d_inner
+        u = causal_conv1d_silu(x, conv_w, conv_b)  # (L, B, C), C = d_inner or 2 d_inner
         del x
 
         if self.bidirectional:

@@ -1,4 +1,4 @@
-"""Selective-scan inference on CPU as one compiled loop (numba).
+"""Selective-scan inference on CPU as one compiled loop (numba), and the Mamba mixer's conv1d + SiLU before it.
 
 Why: the pure-PyTorch chunked scan spends most of a small model's scan in per-op overhead: its recurrence is one
 ``addcmul_`` per time step (a Vim-T forward makes 9,456 of them at batch 1, VMamba-T about 9,600 on N=1 states),
@@ -36,7 +36,7 @@ try:  # numba is a dependency, but the pure-PyTorch path covers a platform witho
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ['numba_available', 'run_scan_kernel', 'run_cross_scan_kernel']
+__all__ = ['numba_available', 'run_scan_kernel', 'run_cross_scan_kernel', 'run_causal_conv1d_silu']
 
 LOG2_E = math.log2(math.e)
 
@@ -198,6 +198,29 @@ if numba is not None:
                         out_p[j] += acc[j]
 
 
+    @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
+    def _causal_conv1d_silu_channels(x, w_t, bias, out, c0, c1):
+        """out[t] = silu(bias + sum_s w[:, s] * x[t - (k - 1) + s]) for channels [c0, c1); x, out: (L, batch, C),
+        w_t: (k, C) (the taps transposed), bias: (C,). The terms are added in the order of
+        ``causal_conv1d_time_major`` (tap k - 1 first, then the bias, then the older steps)."""
+        length, batch, _ = x.shape
+        k = w_t.shape[0]
+        width = c1 - c0
+        bias_c, last = bias[c0:c1], w_t[k - 1, c0:c1]
+        for t in range(length):
+            for i in range(batch):
+                o, x_t = out[t, i, c0:c1], x[t, i, c0:c1]
+                for j in range(width):
+                    o[j] = x_t[j] * last[j] + bias_c[j]
+                for shift in range(1, min(k, t + 1)):
+                    x_s, w_s = x[t - shift, i, c0:c1], w_t[k - 1 - shift, c0:c1]
+                    for j in range(width):
+                        o[j] += x_s[j] * w_s[j]
+                for j in range(width):
+                    v = o[j]
+                    o[j] = v / (np.float32(1.0) + _exp2(-v * np.float32(LOG2_E)))
+
+
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_pid = 0
 
@@ -273,6 +296,23 @@ def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias)]
     _run_split(_cross_scan_channels, arrays + [positions.to(torch.int64).contiguous().numpy(), out.numpy(),
                                                delta_softplus], dim, batch * length * K * dim * N)
+    return out
+
+
+def run_causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """silu(causal depthwise conv1d) of the Mamba mixer, time-major, in one pass: x (L, batch, C) float32,
+    weight (C, 1, k) as ``nn.Conv1d`` stores it, bias (C,) or None. Returns (L, batch, C) float32.
+
+    The same computation as ``F.silu(causal_conv1d_time_major(x, weight, bias))`` (k + 1 passes over x there).
+    """
+    length, batch, channels = x.shape
+    if weight.dim() != 3 or weight.shape[:2] != (channels, 1):
+        raise ValueError(f'run_causal_conv1d_silu: weight must be ({channels}, 1, k), got {tuple(weight.shape)}')
+    w_t = weight[:, 0, :].t().float().contiguous()
+    bias = bias.float() if bias is not None else w_t.new_zeros(channels)
+    out = torch.empty(length, batch, channels, dtype=torch.float32)
+    arrays = [t.contiguous().numpy() for t in (x.float(), w_t, bias)]
+    _run_split(_causal_conv1d_silu_channels, arrays + [out.numpy()], channels, 0)
     return out
 
 
