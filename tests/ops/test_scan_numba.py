@@ -85,20 +85,54 @@ def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypa
     assert_rel_close(y, reference(inputs, delta_softplus=True), 2e-6)
 
 
-def test_large_calls_split_between_threads(monkeypatch):
-    """Above SPLIT_MIN_STATE_UPDATES the channels are split between PyTorch's threads."""
-    ranges = []
-    monkeypatch.setattr(scan_numba, 'SPLIT_MIN_STATE_UPDATES', 1000)
-    monkeypatch.delenv('MAMBAZOO_SCAN_THREADS', raising=False)
+def test_channel_bounds_are_whole_simd_blocks():
+    assert scan_numba._channel_bounds(72, 2) == [0, 32, 72]
+    assert scan_numba._channel_bounds(768, 3) == [0, 256, 512, 768]
+    assert scan_numba._channel_bounds(40, 1) == [0, 40]
+
+
+@pytest.mark.skipif(scan_numba._gomp_parallel() is None, reason="PyTorch does not use libgomp here")
+@pytest.mark.parametrize('name', ['scan', 'cross', 'conv'])
+def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
+    """Above MIN_PARALLEL_WORK, every kernel runs as tasks in PyTorch's OpenMP threads; same results as one."""
+    from mambazoo.models._blocks import causal_conv1d_silu
+    from mambazoo.ops import cross_selective_scan
+    regions = []
+    real = scan_numba._gomp_parallel()
+    monkeypatch.setattr(scan_numba, '_gomp_parallel', lambda: lambda *a: regions.append(a[2]) or real(*a))
+    monkeypatch.setattr(scan_numba, 'MIN_PARALLEL_WORK', 1)
+    if name == 'scan':
+        inputs = cast(make_inputs(2, 72, 40, 4, seed=12), torch.float32)
+        run = lambda: selective_scan_chunked(**inputs, delta_softplus=True)  # noqa: E731
+    elif name == 'cross':
+        inputs = _cross_inputs(2, 5, 4, 48, 4, 2, seed=13)
+        run = lambda: cross_selective_scan(**inputs, delta_softplus=True)  # noqa: E731
+    else:
+        x, w, b = torch.randn(30, 2, 80), torch.randn(80, 1, 4), torch.randn(80)
+        run = lambda: causal_conv1d_silu(x, w, b)  # noqa: E731
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
     try:
-        scan_numba._run_split(lambda c0, c1: ranges.append((c0, c1)), [], 72, 2000)
-        scan_numba._run_split(lambda c0, c1: ranges.append((c0, c1)), [], 72, 10)
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            split = run()
+        assert regions == [2]
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            single = run()
+        assert regions == [2]  # one thread: no parallel region
     finally:
         torch.set_num_threads(before)
-    assert sorted(ranges[:2]) == [(0, 32), (32, 72)]  # whole 16-channel blocks
-    assert ranges[2:] == [(0, 72)]
+    assert torch.equal(split, single)
+
+
+def test_launch_refuses_arrays_the_task_would_misread():
+    arrays = [np.zeros((4, 1, 32), np.float32)] * 3 + [np.zeros((2, 32), np.float32)] + \
+             [np.zeros((4, 1, 1, 2), np.float32)] * 2 + [np.zeros(32, np.float32)] * 2 + \
+             [np.zeros((1, 2, 32), np.float32), np.zeros((4, 1, 32), np.float64)]  # y in float64
+    if scan_numba._gomp_parallel() is None:
+        pytest.skip("PyTorch does not use libgomp here")
+    with pytest.raises(ValueError, match='expected 3-d f4'):
+        scan_numba._launch('scan', arrays, (False, False), 32, 10 ** 9)
 
 
 def test_half_precision_inputs_accumulate_in_float32(kernel_calls):

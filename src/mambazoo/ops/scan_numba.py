@@ -19,9 +19,10 @@ calling thread (see SPLIT_MIN_STATE_UPDATES).
 Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64 and for layouts this kernel
 does not take (fixed B/C, different group counts for B and C).
 """
+import ctypes
+import functools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -221,20 +222,6 @@ if numba is not None:
                     o[j] = v / (np.float32(1.0) + _exp2(-v * np.float32(LOG2_E)))
 
 
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_pid = 0
-
-
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool of at least ``workers`` threads; a new one in a forked child (e.g. a DataLoader
-    worker), where the parent's threads do not exist and the parent's pool would never run anything."""
-    global _pool, _pool_pid
-    if _pool is None or _pool._max_workers < workers or _pool_pid != os.getpid():
-        _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix='mambazoo-scan')
-        _pool_pid = os.getpid()
-    return _pool
-
-
 def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                     D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, h: Tensor,
                     y: Tensor) -> None:
@@ -266,7 +253,7 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     gate = z is not None
     # C-contiguous arrays: numba compiles (and vectorises) one specialisation for them
     arrays = [x.contiguous().numpy() for x in (u, delta, z if gate else u, A2t, B, C, D, bias, h, y)]
-    _run_split(_scan_channels, arrays + [delta_softplus, gate], dim, length * batch * dim * N)
+    _launch('scan', arrays, (delta_softplus, gate), dim, length * batch * dim * N)
 
 
 def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
@@ -293,9 +280,8 @@ def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     D = D.float() if D is not None else zeros
     bias = delta_bias.float() if delta_bias is not None else zeros
     out = torch.zeros(batch, length, dim, dtype=torch.float32)
-    arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias)]
-    _run_split(_cross_scan_channels, arrays + [positions.to(torch.int64).contiguous().numpy(), out.numpy(),
-                                               delta_softplus], dim, batch * length * K * dim * N)
+    arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias, positions.to(torch.int64), out)]
+    _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N)
     return out
 
 
@@ -311,31 +297,154 @@ def run_causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
     w_t = weight[:, 0, :].t().float().contiguous()
     bias = bias.float() if bias is not None else w_t.new_zeros(channels)
     out = torch.empty(length, batch, channels, dtype=torch.float32)
-    arrays = [t.contiguous().numpy() for t in (x.float(), w_t, bias)]
-    _run_split(_causal_conv1d_silu_channels, arrays + [out.numpy()], channels, 0)
+    arrays = [t.contiguous().numpy() for t in (x.float(), w_t, bias, out)]
+    _launch('conv', arrays, (), channels, length * batch * channels)
     return out
 
 
-# A second thread pays only for large calls: right after a PyTorch op, libgomp's idle worker keeps spinning
-# (its default wait policy) on the core the second thread needs. Measured on 2 cores (Vim-T, VMamba-T, batch 1
-# and 8): one thread was faster for every call below about 10M state updates, two for Vim-T's 19M at batch 8.
-SPLIT_MIN_STATE_UPDATES = 16_000_000
+# -- threads ------------------------------------------------------------------------------------------------
+#
+# The channels of a call are split between PyTorch's threads by running the kernel inside an OpenMP parallel
+# region of PyTorch's own libgomp (GOMP_parallel through ctypes, which releases the GIL; the task is a numba
+# cfunc). Why not a Python thread pool: after each PyTorch op, libgomp's idle workers keep spinning for a few
+# milliseconds (its default wait policy), on the very cores a pool's threads need; measured on 2 cores, a pool
+# thread made every call below ~10M state updates slower. PyTorch's workers instead pick the task up at once:
+# 1.65x on Vim-T's batch-1 scan (0.92 -> 0.56 ms). Without a libgomp-based PyTorch, calls run on one thread.
+
+MIN_PARALLEL_WORK = 65536  # below, one thread: the parallel region's start costs more than it saves
+
+# The arrays each kernel takes, in order, as (ndim, dtype) for the task's unpacking.
+_KERNEL_ARRAYS = {
+    'scan': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (3, 'f4'),
+             (3, 'f4')),
+    'cross': ((3, 'f4'), (4, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (3, 'f4')),
+    'conv': ((3, 'f4'), (2, 'f4'), (1, 'f4'), (3, 'f4')),
+}
+
+if numba is not None:
+    @intrinsic
+    def _float32_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(numba_types.CPointer(numba_types.float32)))
+        return numba_types.CPointer(numba_types.float32)(numba_types.int64), codegen
+
+    @intrinsic
+    def _int64_pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(numba_types.CPointer(numba_types.int64)))
+        return numba_types.CPointer(numba_types.int64)(numba_types.int64), codegen
+
+    @intrinsic
+    def _fetch_add(typingctx, pointer, value):
+        """Atomically add value to *pointer (an int64); returns the value before."""
+        def codegen(context, builder, signature, args):
+            return builder.atomic_rmw('add', args[0], args[1], 'monotonic')
+        return numba_types.int64(numba_types.CPointer(numba_types.int64), numba_types.int64), codegen
+
+    # An array packed at data[i] as (address, *shape), C-contiguous.
+    @numba.njit(inline='always')
+    def _f1(data, i):
+        return numba.carray(_float32_pointer(data[i]), (data[i + 1],))
+
+    @numba.njit(inline='always')
+    def _f2(data, i):
+        return numba.carray(_float32_pointer(data[i]), (data[i + 1], data[i + 2]))
+
+    @numba.njit(inline='always')
+    def _f3(data, i):
+        return numba.carray(_float32_pointer(data[i]), (data[i + 1], data[i + 2], data[i + 3]))
+
+    @numba.njit(inline='always')
+    def _f4(data, i):
+        return numba.carray(_float32_pointer(data[i]), (data[i + 1], data[i + 2], data[i + 3], data[i + 4]))
+
+    @numba.njit(inline='always')
+    def _i2(data, i):
+        return numba.carray(_int64_pointer(data[i]), (data[i + 1], data[i + 2]))
+
+    @numba.njit(inline='always')
+    def _task_channels(data):
+        """This thread's channel range: task number data[0]++ (atomic) of data[1] tasks over data[2] channels,
+        in whole blocks of 16 (as ``_channel_bounds``)."""
+        task = _fetch_add(data, 1)
+        tasks, dim = data[1], data[2]
+        c0 = dim * task // tasks // 16 * 16
+        c1 = dim if task == tasks - 1 else dim * (task + 1) // tasks // 16 * 16
+        return c0, c1
+
+    # data: [task counter, tasks, channels, flag, flag, arrays as in _KERNEL_ARRAYS...]; offsets follow from it.
+    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    def _scan_task(data):
+        c0, c1 = _task_channels(data)
+        if c0 < c1:
+            _scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f2(data, 17), _f4(data, 20), _f4(data, 25),
+                           _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), data[3] != 0, data[4] != 0,
+                           c0, c1)
+
+    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    def _cross_task(data):
+        c0, c1 = _task_channels(data)
+        if c0 < c1:
+            _cross_scan_channels(_f3(data, 5), _f4(data, 9), _f2(data, 14), _f4(data, 17), _f4(data, 22),
+                                 _f1(data, 27), _f1(data, 29), _i2(data, 31), _f3(data, 34), data[3] != 0, c0, c1)
+
+    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    def _conv_task(data):
+        c0, c1 = _task_channels(data)
+        if c0 < c1:
+            _causal_conv1d_silu_channels(_f3(data, 5), _f2(data, 9), _f1(data, 12), _f3(data, 14), c0, c1)
+
+    _KERNELS = {'scan': (_scan_channels, _scan_task), 'cross': (_cross_scan_channels, _cross_task),
+                'conv': (_causal_conv1d_silu_channels, _conv_task)}
 
 
-def _run_split(kernel, args: list, dim: int, state_updates: int) -> None:
-    """Run kernel(*args, c0, c1) over channel ranges covering [0, dim): one range, or, for calls of at least
-    SPLIT_MIN_STATE_UPDATES, one per thread (PyTorch's count, or MAMBAZOO_SCAN_THREADS), in whole SIMD-width
-    blocks of 16 channels; each range is written by one thread only."""
-    threads = int(os.environ.get('MAMBAZOO_SCAN_THREADS', torch.get_num_threads()))
-    if state_updates < SPLIT_MIN_STATE_UPDATES and 'MAMBAZOO_SCAN_THREADS' not in os.environ:
-        threads = 1
+_IMPORT_PID = os.getpid()
+
+
+def _gomp_parallel():
+    """``_libgomp_parallel()``, except in a forked child process (a DataLoader worker, say): libgomp's thread
+    pool does not survive a fork, so there the kernels stay on one thread."""
+    return _libgomp_parallel() if os.getpid() == _IMPORT_PID else None
+
+
+@functools.lru_cache(maxsize=None)
+def _libgomp_parallel():
+    """PyTorch's libgomp ``GOMP_parallel(fn, data, num_threads, flags)``, or None when PyTorch does not use
+    libgomp. Opened by soname: that returns the copy already loaded (PyTorch's), whose idle workers then run
+    the task."""
+    if 'OpenMP' not in torch.__config__.parallel_info():
+        return None
+    try:
+        fn = ctypes.CDLL('libgomp.so.1').GOMP_parallel
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    fn.restype = None
+    return fn
+
+
+def _channel_bounds(dim: int, tasks: int) -> list:
+    """The channel ranges of the tasks (whole blocks of 16 channels; the last takes the rest)."""
+    return [dim * k // tasks // 16 * 16 for k in range(tasks)] + [dim]
+
+
+def _launch(name: str, arrays: list, flags: tuple, dim: int, work: int) -> None:
+    """Run kernel ``name`` over channels [0, dim): on this thread, or split between PyTorch's threads (or
+    MAMBAZOO_SCAN_THREADS) when the call has at least MIN_PARALLEL_WORK elements of work and PyTorch's
+    libgomp is there. Each channel range is written by one thread only, so the results do not depend on it."""
+    kernel, task = _KERNELS[name]
+    forced = os.environ.get('MAMBAZOO_SCAN_THREADS')
+    threads = int(forced) if forced else (torch.get_num_threads() if work >= MIN_PARALLEL_WORK else 1)
     threads = max(1, min(threads, dim // 16))
-    if threads == 1:
-        kernel(*args, 0, dim)
+    parallel = _gomp_parallel() if threads > 1 else None
+    if parallel is None:
+        kernel(*arrays, *flags, 0, dim)
         return
-    bounds = [dim * k // threads // 16 * 16 for k in range(threads)] + [dim]
-    pool = _thread_pool(threads - 1)
-    futures = [pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, threads)]
-    kernel(*args, bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+    layout = _KERNEL_ARRAYS[name]
+    fields = [0, threads, dim] + [int(f) for f in flags] + [0] * (2 - len(flags))
+    for array, (ndim, dtype) in zip(arrays, layout, strict=True):
+        if array.ndim != ndim or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
+            raise ValueError(f'{name} kernel: an argument is {array.dtype} {array.shape}, expected {ndim}-d {dtype}')
+        fields += [array.ctypes.data, *array.shape]
+    data = np.array(fields, dtype=np.int64)
+    parallel(task.address, data.ctypes.data, threads, 0)  # returns when every task is done
