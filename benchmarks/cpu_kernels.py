@@ -1,0 +1,119 @@
+"""CPU inference kernels (issue "CPU speed"): the numba-compiled scan, cross scan and conv1d + SiLU against the
+pure-PyTorch paths they replace, at the shapes of the tiny models, all in one run.
+
+Rows: one call of each model's largest kernel shapes, float32, no_grad, 2 threads by default:
+
+* scan: ``selective_scan`` (chunked backend) with the compiled kernel, split between PyTorch's OpenMP threads;
+  the same kernel on one thread (MAMBAZOO_SCAN_THREADS=1); the pure-PyTorch block loop (MAMBAZOO_NUMBA=0);
+* cross scan: ``cross_selective_scan`` (VMamba's SS2D core) the same three ways;
+* conv: the Mamba mixer's ``causal_conv1d_silu``, compiled vs PyTorch (k + 1 passes).
+
+Inputs time-major where the models hand them over time-major (Vim's and the hybrid's mixer, VMamba's tokens).
+Medians of ``--repeats`` calls after warm-up; ratios are PyTorch path / compiled (higher is better).
+
+    .venv/bin/python benchmarks/cpu_kernels.py [--threads 2] [--repeats 30]
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+import mambazoo
+from mambazoo.models._blocks import causal_conv1d_silu
+from mambazoo.ops import cross_selective_scan, selective_scan
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def with_env(env: Dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return run
+
+
+def scan_call(batch: int, dim: int, length: int, n: int, groups: int, time_major: bool):
+    g = torch.Generator().manual_seed(0)
+
+    def seq():
+        x = torch.randn(length, batch, dim, generator=g)
+        return x.permute(1, 2, 0) if time_major else x.permute(1, 2, 0).contiguous()
+
+    u, delta, z = seq(), seq() * 0.5, seq()
+    A = -torch.exp(torch.randn(dim, n, generator=g) * 0.5)
+    B, C = (torch.randn(length, batch, groups, n, generator=g).permute(1, 2, 3, 0) for _ in range(2))
+    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.1
+    return lambda: selective_scan(u, delta, A, B, C, D, z=z, delta_bias=bias, delta_softplus=True)
+
+
+def cross_call(batch: int, height: int, width: int, d: int, rank: int, n: int):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, d, height, width, generator=g).permute(0, 2, 3, 1)
+    dts = torch.randn(batch, height, width, 4, rank, generator=g) * 0.3
+    dt_w = torch.randn(4, d, rank, generator=g) * 0.3
+    A = -torch.exp(torch.randn(4 * d, n, generator=g) * 0.5)
+    B, C = (torch.randn(batch, height, width, 4, n, generator=g) for _ in range(2))
+    D, bias = torch.randn(4 * d, generator=g), torch.randn(4 * d, generator=g) * 0.1
+    return lambda: cross_selective_scan(x, dts, dt_w, A, B, C, D, delta_bias=bias, delta_softplus=True)
+
+
+def conv_call(batch: int, length: int, channels: int, k: int = 4):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(length, batch, channels, generator=g)
+    w, b = torch.randn(channels, 1, k, generator=g), torch.randn(channels, generator=g)
+    return lambda: causal_conv1d_silu(x, w, b)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f'# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, '
+          f'mambazoo {mambazoo.__version__}, {args.threads} threads, float32 no_grad, medians of {args.repeats}')
+    cases = []
+    for b in (1, 8):
+        cases += [
+            (f'Vim-T scan (both directions), b{b}', scan_call(b, 768, 197, 16, 2, True)),
+            (f'hybrid-T scan, b{b}', scan_call(b, 384, 196, 16, 1, True)),
+            (f'MambaVision-T stage-3 scan, b{b}', scan_call(b, 160, 196, 8, 1, False)),
+            (f'VMamba-T stage-1 cross scan, b{b}', cross_call(b, 56, 56, 96, 6, 1)),
+            (f'VMamba-T stage-3 cross scan, b{b}', cross_call(b, 14, 14, 384, 24, 1)),
+            (f'Vim-T conv1d+SiLU, b{b}', conv_call(b, 197, 768)),
+        ]
+    print()
+    print('| call | compiled, split ms | compiled, 1 thread ms | PyTorch path ms | PyTorch / compiled | split speed-up |')
+    print('|---|---|---|---|---|---|')
+    with torch.inference_mode():
+        for name, call in cases:
+            split = median_ms(call, args.repeats)
+            single = median_ms(with_env({'MAMBAZOO_SCAN_THREADS': '1'}, call), args.repeats)
+            pytorch = median_ms(with_env({'MAMBAZOO_NUMBA': '0'}, call), args.repeats)
+            print(f'| {name} | {split:.3f} | {single:.3f} | {pytorch:.3f} | {pytorch / split:.1f}x | '
+                  f'{single / split:.2f}x |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
