@@ -86,9 +86,10 @@ def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypa
 
 
 def test_channel_bounds_are_whole_simd_blocks():
-    assert scan_numba._channel_bounds(72, 2) == [0, 32, 72]
-    assert scan_numba._channel_bounds(768, 3) == [0, 256, 512, 768]
-    assert scan_numba._channel_bounds(40, 1) == [0, 40]
+    assert scan_numba._bounds(72, 2) == [0, 32, 72]
+    assert scan_numba._bounds(768, 3) == [0, 256, 512, 768]
+    assert scan_numba._bounds(40, 1) == [0, 40]
+    assert scan_numba._bounds(5, 2, align=1) == [0, 2, 5]
 
 
 @pytest.mark.skipif(scan_numba._gomp_parallel() is None, reason="PyTorch does not use libgomp here")

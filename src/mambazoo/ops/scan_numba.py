@@ -171,13 +171,13 @@ if numba is not None:
                 h[i, :, lo:hi] = state
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _cross_scan_channels(x, delta, A2t, B, C, D, bias, positions, out, softplus, c0, c1):
+    def _cross_scan_channels(x, delta, A2t, B, C, D, bias, positions, out, softplus, c0, c1, i0, i1):
         """VMamba's four-direction scan for channels [c0, c1) of every direction, merged on the grid.
 
         x, out: (batch, L, d) row-major tokens; every direction reads x, and out (zeros on entry) receives the
         sum of the directions' outputs, each at its token's place. delta: (batch, L, K, d), B, C: (batch, L, K, N),
         per token and direction. positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T *
-        log2(e); D, bias: (K*d,), direction-major. The states start at zero.
+        log2(e); D, bias: (K*d,), direction-major. The states start at zero. Batch elements [i0, i1) only.
         """
         batch, length, dim = x.shape
         K, N = B.shape[2], B.shape[3]
@@ -186,7 +186,7 @@ if numba is not None:
         step = np.empty(width, np.float32)
         step_u = np.empty(width, np.float32)
         acc = np.empty(width, np.float32)
-        for i in range(batch):
+        for i in range(i0, i1):
             for k in range(K):
                 state[:] = 0
                 lo = k * dim + c0  # this direction's channels in A2t, D, bias
@@ -281,7 +281,7 @@ def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     bias = delta_bias.float() if delta_bias is not None else zeros
     out = torch.zeros(batch, length, dim, dtype=torch.float32)
     arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias, positions.to(torch.int64), out)]
-    _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N)
+    _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N, batch)
     return out
 
 
@@ -363,14 +363,18 @@ if numba is not None:
         return numba.carray(_int64_pointer(data[i]), (data[i + 1], data[i + 2]))
 
     @numba.njit(inline='always')
-    def _task_channels(data):
-        """This thread's channel range: task number data[0]++ (atomic) of data[1] tasks over data[2] channels,
-        in whole blocks of 16 (as ``_channel_bounds``)."""
+    def _task_range(data, align):
+        """This thread's range: task number data[0]++ (atomic) of data[1] tasks over data[2] units (channels, in
+        whole blocks of ``align`` = 16, or batch elements, align 1), as ``_bounds``."""
         task = _fetch_add(data, 1)
-        tasks, dim = data[1], data[2]
-        c0 = dim * task // tasks // 16 * 16
-        c1 = dim if task == tasks - 1 else dim * (task + 1) // tasks // 16 * 16
-        return c0, c1
+        tasks, units = data[1], data[2]
+        lo = units * task // tasks // align * align
+        hi = units if task == tasks - 1 else units * (task + 1) // tasks // align * align
+        return lo, hi
+
+    @numba.njit(inline='always')
+    def _task_channels(data):
+        return _task_range(data, 16)
 
     # data: [task counter, tasks, channels, flag, flag, arrays as in _KERNEL_ARRAYS...]; offsets follow from it.
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
@@ -383,10 +387,16 @@ if numba is not None:
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _cross_task(data):
-        c0, c1 = _task_channels(data)
-        if c0 < c1:
-            _cross_scan_channels(_f3(data, 5), _f4(data, 9), _f2(data, 14), _f4(data, 17), _f4(data, 22),
-                                 _f1(data, 27), _f1(data, 29), _i2(data, 31), _f3(data, 34), data[3] != 0, c0, c1)
+        x = _f3(data, 5)
+        if data[4] != 0:  # split by batch elements, every channel
+            i0, i1 = _task_range(data, 1)
+            c0, c1 = 0, x.shape[2]
+        else:
+            c0, c1 = _task_channels(data)
+            i0, i1 = 0, x.shape[0]
+        if c0 < c1 and i0 < i1:
+            _cross_scan_channels(x, _f4(data, 9), _f2(data, 14), _f4(data, 17), _f4(data, 22), _f1(data, 27),
+                                 _f1(data, 29), _i2(data, 31), _f3(data, 34), data[3] != 0, c0, c1, i0, i1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _conv_task(data):
@@ -423,25 +433,33 @@ def _libgomp_parallel():
     return fn
 
 
-def _channel_bounds(dim: int, tasks: int) -> list:
-    """The channel ranges of the tasks (whole blocks of 16 channels; the last takes the rest)."""
-    return [dim * k // tasks // 16 * 16 for k in range(tasks)] + [dim]
+def _bounds(units: int, tasks: int, align: int = 16) -> list:
+    """The ranges of the tasks over ``units`` channels (whole blocks of ``align``) or batch elements (align 1);
+    the last task takes the rest."""
+    return [units * k // tasks // align * align for k in range(tasks)] + [units]
 
 
-def _launch(name: str, arrays: list, flags: tuple, dim: int, work: int) -> None:
+def _launch(name: str, arrays: list, flags: tuple, dim: int, work: int, batch: int = 0) -> None:
     """Run kernel ``name`` over channels [0, dim): on this thread, or split between PyTorch's threads (or
     MAMBAZOO_SCAN_THREADS) when the call has at least MIN_PARALLEL_WORK elements of work and PyTorch's
-    libgomp is there. Each channel range is written by one thread only, so the results do not depend on it."""
+    libgomp is there. Each range is written by one thread only, so the results do not depend on the split.
+
+    The cross scan (``batch`` given) splits by batch elements when there are at least as many as threads:
+    a thread then runs all the channels of its elements, longer vector loops than a share of the channels
+    (VMamba's first stage has 96; the loop's fixed cost per step is then spread over twice the channels).
+    """
     kernel, task = _KERNELS[name]
     forced = os.environ.get('MAMBAZOO_SCAN_THREADS')
     threads = int(forced) if forced else (torch.get_num_threads() if work >= MIN_PARALLEL_WORK else 1)
-    threads = max(1, min(threads, dim // 16))
+    by_batch = name == 'cross' and batch >= threads > 1
+    threads = max(1, min(threads, batch if by_batch else dim // 16))
     parallel = _gomp_parallel() if threads > 1 else None
     if parallel is None:
-        kernel(*arrays, *flags, 0, dim)
+        kernel(*arrays, *flags, 0, dim, *((0, batch) if name == 'cross' else ()))
         return
     layout = _KERNEL_ARRAYS[name]
-    fields = [0, threads, dim] + [int(f) for f in flags] + [0] * (2 - len(flags))
+    flags = tuple(flags) + ((by_batch,) if name == 'cross' else ())
+    fields = [0, threads, batch if by_batch else dim] + [int(f) for f in flags] + [0] * (2 - len(flags))
     for array, (ndim, dtype) in zip(arrays, layout, strict=True):
         if array.ndim != ndim or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
             raise ValueError(f'{name} kernel: an argument is {array.dtype} {array.shape}, expected {ndim}-d {dtype}')
