@@ -12,6 +12,10 @@ One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on 
   patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan`` uses), for those rows only. The
   reference outputs are checked against the fast ones at batch 1.
 
+Our rows run what a user gets: float32 CPU inference through the numba-compiled kernels (``ops/scan_numba.py``);
+``MAMBAZOO_NUMBA=0`` in the environment measures the pure-PyTorch paths instead (``benchmarks/cpu_kernels.py``
+compares the two per kernel).
+
 Batch-1 and batch-8 median latency; the models take turns within every repeat (the order reversed every other
 repeat) so that load from other processes hits all alike. Peak memory at batch 8: the growth of the resident set
 (VmHWM after a ``clear_refs`` reset, minus VmRSS before) during one forward pass, in a fresh subprocess per model,
