@@ -13,10 +13,9 @@ lanes. exp2 is a degree-6 polynomial on the fraction with the power of two built
 vectorised exp without Intel's SVML); it is exact to about an ulp of float32. Divisions use numpy's error model
 (no ZeroDivisionError check, which would keep LLVM from vectorising the loops).
 
-Large calls split their channels between ``torch.get_num_threads()`` threads (numba releases the GIL): the
-cores PyTorch was told to use, and no second thread pool (numba's own) beside PyTorch's; small calls run on the
-calling thread (see SPLIT_MIN_STATE_UPDATES).
-Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64 and for layouts this kernel
+Calls of some size split their channels (the cross scan: its batch elements) between PyTorch's own OpenMP
+threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
+competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64 and for layouts this kernel
 does not take (fixed B/C, different group counts for B and C).
 """
 import ctypes
@@ -25,13 +24,13 @@ import math
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 try:  # numba is a dependency, but the pure-PyTorch path covers a platform without its wheel
     import llvmlite.ir
     import numba
-    import numpy as np
     from numba.core import types as numba_types
     from numba.extending import intrinsic
 except ImportError:  # pragma: no cover - exercised only where numba is missing
