@@ -18,18 +18,23 @@ from test_selective_scan import assert_rel_close, cast, make_inputs
 pytestmark = pytest.mark.skipif(not scan_numba.numba_available(), reason='numba is not installed')
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """A list that grows by one at each run of the compiled kernel."""
+def count_calls(monkeypatch, module, name):
+    """Replace module.name by a wrapper that appends to the returned list at each call."""
     calls = []
-    real = scan_chunked.run_scan_kernel
+    real = getattr(module, name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scan_chunked, 'run_scan_kernel', counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """A list that grows by one at each run of the compiled kernel."""
+    return count_calls(monkeypatch, scan_chunked, 'run_scan_kernel')
 
 
 def time_major(x):
@@ -253,16 +258,8 @@ def _cross_inputs(batch, height, width, d, rank, n_state, seed, dtype=torch.floa
 
 @pytest.fixture
 def cross_kernel_calls(monkeypatch):
-    cross_scan = importlib.import_module('mambazoo.ops.cross_scan')  # the module (the package exports a function)
-    calls = []
-    real = cross_scan.run_cross_scan_kernel
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cross_scan, 'run_cross_scan_kernel', counting)
-    return calls
+    # the module (the package exports a function of the same name)
+    return count_calls(monkeypatch, importlib.import_module('mambazoo.ops.cross_scan'), 'run_cross_scan_kernel')
 
 
 @pytest.mark.parametrize('threads', ['1', '2'])
