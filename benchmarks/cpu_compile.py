@@ -23,8 +23,10 @@ DEFAULT_MODELS = ('mambavision_tiny', 'vmamba_tiny', 'vim_tiny', 'mambaout_tiny'
                   'timm:convnext_tiny', 'timm:deit_tiny_patch16_224')
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls of fn, in ms, after ``warmup`` calls (also used by cpu_kernels.py)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -16,26 +16,14 @@ Medians of ``--repeats`` calls after warm-up; ratios are PyTorch path / compiled
 import argparse
 import os
 import platform
-import statistics
-import time
 from typing import Callable, Dict
 
 import torch
 
 import mambazoo
+from cpu_compile import median_ms  # this folder is on sys.path when the script runs
 from mambazoo.models._blocks import causal_conv1d_silu
 from mambazoo.ops import cross_selective_scan, selective_scan
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def with_env(env: Dict[str, str], fn: Callable[[], object]) -> Callable[[], object]:
@@ -108,9 +96,9 @@ def main() -> None:
     print('|---|---|---|---|---|---|')
     with torch.inference_mode():
         for name, call in cases:
-            split = median_ms(call, args.repeats)
-            single = median_ms(with_env({'MAMBAZOO_SCAN_THREADS': '1'}, call), args.repeats)
-            pytorch = median_ms(with_env({'MAMBAZOO_NUMBA': '0'}, call), args.repeats)
+            split = median_ms(call, args.repeats, warmup=3)
+            single = median_ms(with_env({'MAMBAZOO_SCAN_THREADS': '1'}, call), args.repeats, warmup=3)
+            pytorch = median_ms(with_env({'MAMBAZOO_NUMBA': '0'}, call), args.repeats, warmup=3)
             print(f'| {name} | {split:.3f} | {single:.3f} | {pytorch:.3f} | {pytorch / split:.1f}x | '
                   f'{single / split:.2f}x |', flush=True)
 
