@@ -90,11 +90,13 @@ def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypa
     assert_rel_close(y, reference(inputs, delta_softplus=True), 2e-6)
 
 
-def test_channel_bounds_are_whole_simd_blocks():
-    assert scan_numba._bounds(72, 2) == [0, 32, 72]
-    assert scan_numba._bounds(768, 3) == [0, 256, 512, 768]
-    assert scan_numba._bounds(40, 1) == [0, 40]
-    assert scan_numba._bounds(5, 2, align=1) == [0, 2, 5]
+def test_task_ranges_are_whole_simd_blocks_covering_every_unit():
+    def ranges(units, tasks, align=16):
+        return [tuple(scan_numba._task_bounds(k, tasks, units, align)) for k in range(tasks)]
+    assert ranges(72, 2) == [(0, 32), (32, 72)]
+    assert ranges(768, 3) == [(0, 256), (256, 512), (512, 768)]
+    assert ranges(40, 1) == [(0, 40)]
+    assert ranges(5, 2, align=1) == [(0, 2), (2, 5)]
 
 
 @pytest.mark.skipif(scan_numba._gomp_parallel() is None, reason="PyTorch does not use libgomp here")
@@ -175,7 +177,7 @@ def test_nan_propagates_like_the_reference(name, kernel_calls):
 def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch):
     """What the kernel does not take (float64, a fixed B, B and C with different group counts, autograd, or
     MAMBAZOO_NUMBA=0) runs the pure-PyTorch path, with the same results."""
-    options = dict(b_form='fixed') if case == 'fixed_B' else dict(b_form=2, c_form='var') if case == 'mixed_groups' else {}
+    options = {'fixed_B': dict(b_form='fixed'), 'mixed_groups': dict(b_form=2, c_form='var')}.get(case, {})
     inputs = make_inputs(2, 8, 30, 4, seed=9, **options)
     if case != 'float64':
         inputs = cast(inputs, torch.float32)

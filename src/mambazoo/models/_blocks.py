@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
-from ..ops.scan_numba import numba_available, run_causal_conv1d_silu
+from ..ops.scan_numba import compiled_inference_applies, run_causal_conv1d_silu
 
 __all__ = ['Mamba', 'causal_conv1d_time_major', 'causal_conv1d_silu']
 
@@ -51,11 +51,7 @@ def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """``F.silu(causal_conv1d_time_major(x, weight, bias))``; for float32 inference on a CPU in one compiled
     pass (``scan_numba.run_causal_conv1d_silu``) instead of k + 1 PyTorch passes over x."""
-    tensors = [t for t in (x, weight, bias) if t is not None]
-    if (x.device.type == 'cpu' and x.dtype == torch.float32 and numba_available()
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_exporting()):
+    if x.dtype == torch.float32 and compiled_inference_applies(x, weight, bias):  # float32 out, as x
         return run_causal_conv1d_silu(x, weight, bias)
     return F.silu(causal_conv1d_time_major(x, weight, bias))
 

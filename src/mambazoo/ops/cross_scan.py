@@ -18,8 +18,8 @@ fast versions are tested against.
 
 ``cross_scan_time_major`` / ``cross_merge_time_major`` are the same traversals in the layout the CPU scan walks,
 and ``cross_selective_scan`` is the whole of SS2D's core (traverse, scan, merge): what VMamba calls. On a GPU it
-runs as one Triton kernel that reads the traversals in place, and so does CPU inference, as a numba-compiled loop; the channel-major ``cross_scan`` / ``cross_merge``
-remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for porting.
+runs as one Triton kernel that reads the traversals in place, and so does CPU inference, as a numba-compiled
+loop; the channel-major ``cross_scan`` / ``cross_merge`` remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for porting.
 """
 import functools
 from typing import Optional, Tuple
@@ -27,8 +27,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .scan_numba import numba_available, run_cross_scan_kernel
-from .scan_reference import compute_dtype
+from .scan_numba import compiled_inference_applies, run_cross_scan_kernel
 from .scan_triton import cross_selective_scan_triton
 from .selective_scan import resolve_scan_backend, selective_scan
 
@@ -184,15 +183,6 @@ def _positions(height: int, width: int) -> Tensor:
     return cross_scan_index(height, width)
 
 
-def _compiled_cross_scan_applies(inputs: Tuple[Optional[Tensor], ...]) -> bool:
-    """Whether ``scan_numba``'s cross kernel takes this call: float32 inference on a CPU (numba installed), not
-    while torch.compile traces (it cannot trace the compiled loop; the chunked scan's custom op runs instead)."""
-    tensors = [t for t in inputs if t is not None]
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return (not needs_grad and not torch.compiler.is_compiling() and numba_available()
-            and all(t.device.type == 'cpu' for t in tensors) and compute_dtype(*tensors) == torch.float32)
-
-
 def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                          delta_softplus: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -220,7 +210,7 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
     if name == 'triton':
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    if name == 'chunked' and _compiled_cross_scan_applies(inputs):
+    if name == 'chunked' and compiled_inference_applies(*inputs):
         # CPU inference: the compiled loop reads every direction's steps in place and merges as it goes
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts.float(), dt_weight.float())
         K, N = B.shape[3], B.shape[4]

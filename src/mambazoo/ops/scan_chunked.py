@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan_numba import numba_available, run_scan_kernel
+from .scan_numba import compiled_inference_applies, run_scan_kernel
 from .scan_reference import check_scan_args, compute_dtype
 
 __all__ = ['selective_scan_chunked', 'auto_chunk_size', 'softplus']
@@ -99,11 +99,12 @@ def _time_major_bc(M: Tensor, batch: int, dim: int, length: int) -> Tensor:
 
 
 def _time_major(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """(batch, dim, L) -> a contiguous (L, batch, dim) copy in ``dtype``: one time step is one dense slab.
+    """(batch, dim, L) -> contiguous (L, batch, dim) in ``dtype``: one time step is one dense slab. A view when
+    x already is that (the Mamba mixer's and VMamba's inputs), else one copy.
 
-    (An elementwise op on a permuted view keeps the view's memory order, so the copy must be explicit.)
+    (An elementwise op on a permuted view keeps the view's memory order, so the layout must be asked for.)
     """
-    return x.permute(2, 0, 1).contiguous().to(dtype)
+    return x.permute(2, 0, 1).to(dtype, memory_format=torch.contiguous_format)
 
 
 class _ChunkBuffers:
@@ -246,15 +247,10 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
 
 
 def _compiled_kernel_applies(u: Tensor, B_tm: Tensor, C_tm: Tensor, ct: torch.dtype) -> bool:
-    """Whether ``scan_numba``'s kernel takes this scan: float32 on CPU, B and C per step (contiguous time-major
-    copies; a fixed B or C is a stride-0 view) with one group count."""
-    return (u.device.type == 'cpu' and ct == torch.float32 and numba_available()
+    """Whether ``scan_numba``'s kernel takes this (no-grad) scan: float32 compute on CPU, B and C per step
+    (contiguous time-major copies; a fixed B or C is a stride-0 view) with one group count."""
+    return (ct == torch.float32 and compiled_inference_applies(u, B_tm, C_tm)
             and B_tm.is_contiguous() and C_tm.is_contiguous() and B_tm.shape[2] == C_tm.shape[2])
-
-
-def _time_major_float32(x: Tensor) -> Tensor:
-    """(batch, dim, L) -> (L, batch, dim) contiguous float32: a view when x already is one, else a copy."""
-    return x.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)
 
 
 def _scan_inference_compiled(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Tensor,
@@ -265,8 +261,8 @@ def _scan_inference_compiled(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, 
     batch, dim, length = u.shape
     y_tm = torch.empty(length, batch, dim, dtype=torch.float32)
     h = torch.zeros(batch, A.shape[1], dim, dtype=torch.float32)  # (batch, N, dim): channels innermost
-    run_scan_kernel(_time_major_float32(u), _time_major_float32(delta),
-                    _time_major_float32(z) if z is not None else None, A, B_tm, C_tm, D, delta_bias,
+    run_scan_kernel(_time_major(u, torch.float32), _time_major(delta, torch.float32),
+                    _time_major(z, torch.float32) if z is not None else None, A, B_tm, C_tm, D, delta_bias,
                     delta_softplus, h, y_tm)
     y = y_tm.permute(1, 2, 0)
     if not _inference_output_layout(u):

@@ -15,8 +15,8 @@ vectorised exp without Intel's SVML); it is exact to about an ulp of float32. Di
 
 Calls of some size split their channels (the cross scan: its batch elements) between PyTorch's own OpenMP
 threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
-competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64 and for layouts this kernel
-does not take (fixed B/C, different group counts for B and C).
+competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64
+and for layouts this kernel does not take (fixed B/C, different group counts for B and C).
 """
 import ctypes
 import functools
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .scan_reference import compute_dtype
+
 try:  # numba is a dependency, but the pure-PyTorch path covers a platform without its wheel
     import llvmlite.ir
     import numba
@@ -36,7 +38,8 @@ try:  # numba is a dependency, but the pure-PyTorch path covers a platform witho
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ['numba_available', 'run_scan_kernel', 'run_cross_scan_kernel', 'run_causal_conv1d_silu']
+__all__ = ['numba_available', 'compiled_inference_applies', 'run_scan_kernel', 'run_cross_scan_kernel',
+           'run_causal_conv1d_silu']
 
 LOG2_E = math.log2(math.e)
 
@@ -44,6 +47,18 @@ LOG2_E = math.log2(math.e)
 def numba_available() -> bool:
     """Whether the compiled CPU kernel can be used (numba importable, not turned off by MAMBAZOO_NUMBA=0)."""
     return numba is not None and os.environ.get('MAMBAZOO_NUMBA', '1') != '0'
+
+
+def compiled_inference_applies(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call on these tensors may run a compiled kernel: float32 compute (half inputs count) on a CPU,
+    numba available, nothing needing a gradient, and no tracer watching (torch.compile, torch.jit, ONNX and
+    torch.export cannot see inside the compiled loop). Each kernel's callers add their own layout conditions."""
+    present = [t for t in tensors if t is not None]
+    return (numba_available() and all(t.device.type == 'cpu' for t in present)
+            and compute_dtype(*present) == torch.float32
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                     or torch.onnx.is_in_onnx_export()))
 
 
 if numba is not None:
@@ -221,6 +236,21 @@ if numba is not None:
                     o[j] = v / (np.float32(1.0) + _exp2(-v * np.float32(LOG2_E)))
 
 
+def _check_shapes(caller: str, expected: dict) -> None:
+    """The compiled loops do no bounds checks: a wrong shape would read or write outside an array."""
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f'{caller}: {name} must have shape {shape}, got {tuple(t.shape)}')
+
+
+def _channel_parameters(A: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor]):
+    """A^T * log2(e) (N, channels), D and delta_bias as float32 (zeros where absent), as the kernels take them."""
+    A2t = (A.t() * LOG2_E).contiguous()
+    zeros = A2t.new_zeros(A2t.shape[1])
+    return (A2t, D.float() if D is not None else zeros,
+            delta_bias.float() if delta_bias is not None else zeros)
+
+
 def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B: Tensor, C: Tensor,
                     D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, h: Tensor,
                     y: Tensor) -> None:
@@ -231,24 +261,18 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     """
     length, batch, dim = u.shape
     N = A.shape[1]
-    # The compiled loop does no bounds checks: a wrong shape here would write outside an array.
     expected = {'u': (u, (length, batch, dim)), 'delta': (delta, (length, batch, dim)),
                 'y': (y, (length, batch, dim)), 'A': (A, (dim, N)), 'h': (h, (batch, N, dim)),
                 'B': (B, (length, batch, B.shape[2], N)), 'C': (C, (length, batch, B.shape[2], N))}
     if z is not None:
         expected['z'] = (z, (length, batch, dim))
-    for name, (x, shape) in expected.items():
-        if tuple(x.shape) != shape:
-            raise ValueError(f'run_scan_kernel: {name} must have shape {shape}, got {tuple(x.shape)}')
+    _check_shapes('run_scan_kernel', expected)
     if dim % B.shape[2]:
         raise ValueError(f'run_scan_kernel: {B.shape[2]} groups do not divide {dim} channels')
     for x in (h, y):
         if not x.is_contiguous():
             raise ValueError('run_scan_kernel writes h and y in place: they must be contiguous')
-    A2t = (A.t() * LOG2_E).contiguous()
-    zeros = A2t.new_zeros(dim)
-    D = D.float() if D is not None else zeros
-    bias = delta_bias.float() if delta_bias is not None else zeros
+    A2t, D, bias = _channel_parameters(A, D, delta_bias)
     gate = z is not None
     # C-contiguous arrays: numba compiles (and vectorises) one specialisation for them
     arrays = [x.contiguous().numpy() for x in (u, delta, z if gate else u, A2t, B, C, D, bias, h, y)]
@@ -269,15 +293,10 @@ def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     expected = {'x': (x, (batch, length, dim)), 'delta': (delta, (batch, length, K, dim)),
                 'B': (B, (batch, length, K, N)), 'C': (C, (batch, length, K, N)), 'A': (A, (K * dim, N)),
                 'positions': (positions, (K, length))}
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f'run_cross_scan_kernel: {name} must have shape {shape}, got {tuple(t.shape)}')
+    _check_shapes('run_cross_scan_kernel', expected)
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
         raise ValueError(f'run_cross_scan_kernel: positions must lie in [0, {length})')
-    A2t = (A.t() * LOG2_E).contiguous()
-    zeros = A2t.new_zeros(K * dim)
-    D = D.float() if D is not None else zeros
-    bias = delta_bias.float() if delta_bias is not None else zeros
+    A2t, D, bias = _channel_parameters(A, D, delta_bias)
     out = torch.zeros(batch, length, dim, dtype=torch.float32)
     arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias, positions.to(torch.int64), out)]
     _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N, batch)
@@ -361,24 +380,23 @@ if numba is not None:
     def _i2(data, i):
         return numba.carray(_int64_pointer(data[i]), (data[i + 1], data[i + 2]))
 
-    @numba.njit(inline='always')
-    def _task_range(data, align):
-        """This thread's range: task number data[0]++ (atomic) of data[1] tasks over data[2] units (channels, in
-        whole blocks of ``align`` = 16, or batch elements, align 1), as ``_bounds``."""
-        task = _fetch_add(data, 1)
-        tasks, units = data[1], data[2]
+    @numba.njit
+    def _task_bounds(task, tasks, units, align):
+        """The range of task ``task`` of ``tasks`` over ``units`` channels (whole blocks of ``align`` = 16) or
+        batch elements (align 1); the last task takes the rest."""
         lo = units * task // tasks // align * align
         hi = units if task == tasks - 1 else units * (task + 1) // tasks // align * align
         return lo, hi
 
     @numba.njit(inline='always')
-    def _task_channels(data):
-        return _task_range(data, 16)
+    def _task_range(data, align):
+        """This thread's range: task number data[0]++ (atomic) of data[1] tasks over data[2] units."""
+        return _task_bounds(_fetch_add(data, 1), data[1], data[2], align)
 
     # data: [task counter, tasks, channels, flag, flag, arrays as in _KERNEL_ARRAYS...]; offsets follow from it.
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _scan_task(data):
-        c0, c1 = _task_channels(data)
+        c0, c1 = _task_range(data, 16)
         if c0 < c1:
             _scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f2(data, 17), _f4(data, 20), _f4(data, 25),
                            _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), data[3] != 0, data[4] != 0,
@@ -391,7 +409,7 @@ if numba is not None:
             i0, i1 = _task_range(data, 1)
             c0, c1 = 0, x.shape[2]
         else:
-            c0, c1 = _task_channels(data)
+            c0, c1 = _task_range(data, 16)
             i0, i1 = 0, x.shape[0]
         if c0 < c1 and i0 < i1:
             _cross_scan_channels(x, _f4(data, 9), _f2(data, 14), _f4(data, 17), _f4(data, 22), _f1(data, 27),
@@ -399,7 +417,7 @@ if numba is not None:
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _conv_task(data):
-        c0, c1 = _task_channels(data)
+        c0, c1 = _task_range(data, 16)
         if c0 < c1:
             _causal_conv1d_silu_channels(_f3(data, 5), _f2(data, 9), _f1(data, 12), _f3(data, 14), c0, c1)
 
@@ -430,12 +448,6 @@ def _libgomp_parallel():
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     fn.restype = None
     return fn
-
-
-def _bounds(units: int, tasks: int, align: int = 16) -> list:
-    """The ranges of the tasks over ``units`` channels (whole blocks of ``align``) or batch elements (align 1);
-    the last task takes the rest."""
-    return [units * k // tasks // align * align for k in range(tasks)] + [units]
 
 
 def _launch(name: str, arrays: list, flags: tuple, dim: int, work: int, batch: int = 0) -> None:
