@@ -1,4 +1,4 @@
-"""CPU inference kernels (issue "CPU speed"): the numba-compiled scan, cross scan and conv1d + SiLU against the
+"""CPU inference kernels (issue "CPU speed"): the numba-compiled scan, cross scan and Mamba mixer against the
 pure-PyTorch paths they replace, at the shapes of the tiny models, all in one run.
 
 Rows: one call of each model's largest kernel shapes, float32, no_grad, 2 threads by default:
@@ -6,7 +6,8 @@ Rows: one call of each model's largest kernel shapes, float32, no_grad, 2 thread
 * scan: ``selective_scan`` (chunked backend) with the compiled kernel, split between PyTorch's OpenMP threads;
   the same kernel on one thread (MAMBAZOO_SCAN_THREADS=1); the pure-PyTorch block loop (MAMBAZOO_NUMBA=0);
 * cross scan: ``cross_selective_scan`` (VMamba's SS2D core) the same three ways;
-* conv: the Mamba mixer's ``causal_conv1d_silu``, compiled vs PyTorch (k + 1 passes).
+* mixer: one whole Mamba mixer layer (``_blocks.Mamba``, in_proj to out_proj): the compiled conv1d + SiLU and
+  two-direction scan around PyTorch's GEMMs vs the PyTorch path (flips and concatenations, ``selective_scan``).
 
 Inputs time-major where the models hand them over time-major (Vim's and the hybrid's mixer, VMamba's tokens).
 Medians of ``--repeats`` calls after warm-up; ratios are PyTorch path / compiled (higher is better).
@@ -22,7 +23,7 @@ import torch
 
 import mambazoo
 from cpu_compile import median_ms  # this folder is on sys.path when the script runs
-from mambazoo.models._blocks import causal_conv1d_silu
+from mambazoo.models._blocks import Mamba
 from mambazoo.ops import cross_selective_scan, selective_scan
 
 
@@ -66,11 +67,11 @@ def cross_call(batch: int, height: int, width: int, d: int, rank: int, n: int):
     return lambda: cross_selective_scan(x, dts, dt_w, A, B, C, D, delta_bias=bias, delta_softplus=True)
 
 
-def conv_call(batch: int, length: int, channels: int, k: int = 4):
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(length, batch, channels, generator=g)
-    w, b = torch.randn(channels, 1, k, generator=g), torch.randn(channels, generator=g)
-    return lambda: causal_conv1d_silu(x, w, b)
+def mixer_call(batch: int, length: int, d_model: int, expand: int, bimamba_type: str):
+    torch.manual_seed(2)
+    mixer = Mamba(d_model, expand=expand, bimamba_type=bimamba_type, if_divide_out=True).eval()
+    x = torch.randn(batch, length, d_model)
+    return lambda: mixer(x)
 
 
 def main() -> None:
@@ -85,11 +86,12 @@ def main() -> None:
     for b in (1, 8):
         cases += [
             (f'Vim-T scan (both directions), b{b}', scan_call(b, 768, 197, 16, 2, True)),
-            (f'hybrid-T scan, b{b}', scan_call(b, 384, 196, 16, 1, True)),
+            (f'hybrid-T scan, b{b}', scan_call(b, 192, 196, 16, 1, True)),
             (f'MambaVision-T stage-3 scan, b{b}', scan_call(b, 160, 196, 8, 1, False)),
             (f'VMamba-T stage-1 cross scan, b{b}', cross_call(b, 56, 56, 96, 6, 1)),
             (f'VMamba-T stage-3 cross scan, b{b}', cross_call(b, 14, 14, 384, 24, 1)),
-            (f'Vim-T conv1d+SiLU, b{b}', conv_call(b, 197, 768)),
+            (f'Vim-T mixer layer, b{b}', mixer_call(b, 197, 192, 2, 'v2')),
+            (f'hybrid-T mixer layer, b{b}', mixer_call(b, 196, 192, 1, 'none')),
         ]
     print()
     print('| call | compiled, split ms | compiled, 1 thread ms | PyTorch path ms | PyTorch / compiled | split speed-up |')

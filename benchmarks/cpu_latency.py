@@ -21,8 +21,9 @@ repeat) so that load from other processes hits all alike. Peak memory at batch 8
 (VmHWM after a ``clear_refs`` reset, minus VmRSS before) during one forward pass, in a fresh subprocess per model,
 after a warm-up pass and ``malloc_trim``. "Scan workspace": what one call of the chunked scan allocates besides
 its output, computed from the sizes (``scan_workspace_bytes``) at the model's largest scan of the batch-8 pass
-(recorded while it runs), beside the size of one materialised (batch, dim, L, N) float32 state tensor, which
-the fast scan never makes (the reference makes two). ``mambazoo.tune_cpu_allocator()`` is applied first (in the
+(recorded while it runs; for Vim and the hybrid the Mamba mixer's compiled scan, ``run_mixer_scan``, which takes
+both directions' channels in one call), beside the size of one materialised (batch, dim, L, N) float32 state
+tensor, which the fast scan never makes (the reference makes two). ``mambazoo.tune_cpu_allocator()`` is applied first (in the
 memory subprocesses too), when the package has it: every model, timm's included, profits from it alike.
 Then the issue's targets, each marked met / NOT met.
 
@@ -232,9 +233,23 @@ def cross_scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, 
     return elements * element_size
 
 
-# batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?,
-# the cross scan (dim = 4 d; "copies" then says whether x was copied)?
-ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool, bool]
+def mixer_scan_workspace_bytes(dim: int, d_state: int, branches: int, element_size: int = 4) -> int:
+    """Bytes the Mamba mixer's compiled scan (``_blocks.Mamba._forward_compiled`` -> ``scan_numba.run_mixer_scan``,
+    float32 CPU inference of Vim and the hybrid) allocates besides its (batch, L, d) output; ``dim`` = K d, the
+    channels of its K ``branches``. From the code (keep in step with it): A (the concatenated A_log, its exp, the
+    negation), A^T*log2(e) and its contiguous copy, (dim, N) each; the concatenated D and delta_bias (dim each);
+    the kernel's scratch, a (N, width) state and three width-sized buffers per thread (numba's), the widths
+    summing to d. Nothing of batch or length size: the conv's output, the GEMMs' outputs and in_proj's z are read
+    in place.
+    """
+    elements = 5 * dim * d_state + 2 * dim + (d_state + 3) * (dim // branches)
+    return elements * element_size
+
+
+# batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?, kind:
+# 'scan' (selective_scan), 'cross' (VMamba's cross scan, dim = 4 d; "copies" then says whether x was copied) or
+# 'mixer' (the Mamba mixer's compiled scan, dim = K d)
+ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool, str]
 
 
 def _copied_in_scan(M: torch.Tensor) -> bool:
@@ -262,7 +277,7 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
         time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
                          for x in (u, delta, kwargs.get('z')) if x is not None)
         shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
-                       kwargs.get('z') is not None, False))
+                       kwargs.get('z') is not None, 'scan'))
         return fast(u, delta, A, B, C, *args, **kwargs)
 
     import importlib
@@ -273,16 +288,26 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
         # x arrives as a (batch, L, d) float32 view or copy; the copy is made when the map was not contiguous
         batch, length, _ = x.shape
         shapes.append((batch, A.shape[0], length, A.shape[1], B.shape[2], 1 - int(x._base is not None), True,
-                       False, False, True))
+                       False, False, 'cross'))
         return cross_kernel(x, delta, A, B, *args)
+
+    blocks_module = importlib.import_module('mambazoo.models._blocks')
+    mixer_kernel = blocks_module.run_mixer_scan
+
+    def recording_mixer(u, deltas, *args, **kwargs):
+        batch, length, dim = u.shape
+        shapes.append((batch, dim, length, args[2].shape[1], len(deltas), 0, True, False, True, 'mixer'))
+        return mixer_kernel(u, deltas, *args, **kwargs)
 
     backends['chunked'] = recording
     cross_module.run_cross_scan_kernel = recording_cross
+    blocks_module.run_mixer_scan = recording_mixer
     try:
         yield
     finally:
         backends['chunked'] = fast
         cross_module.run_cross_scan_kernel = cross_kernel
+        blocks_module.run_mixer_scan = mixer_kernel
 
 
 # -- building, timing, memory ----------------------------------------------------------------------------------
@@ -511,12 +536,17 @@ def main() -> None:
     # The largest scan of each of our models (by the size of its state tensor) and its workspace.
     scans = {}
     for key, shapes in scan_shapes.items():
-        b, d, length, n, groups, copies, compiled, time_major, gated, cross = max(
+        b, d, length, n, groups, copies, compiled, time_major, gated, kind = max(
             shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
-        workspace = (cross_scan_workspace_bytes(b, d, length, n, bool(copies), args.threads) if cross else
-                     scan_workspace_bytes(b, d, length, n, groups, copies, compiled, time_major, gated, args.threads))
+        if kind == 'cross':
+            workspace = cross_scan_workspace_bytes(b, d, length, n, bool(copies), args.threads)
+        elif kind == 'mixer':
+            workspace = mixer_scan_workspace_bytes(d, n, groups)
+        else:
+            workspace = scan_workspace_bytes(b, d, length, n, groups, copies, compiled, time_major, gated,
+                                             args.threads)
         scans[key] = dict(batch=b, dim=d, length=length, d_state=n, bc_groups=groups, bc_copies=copies,
-                          compiled=compiled, time_major=time_major, cross=cross, calls=len(shapes),
+                          compiled=compiled, time_major=time_major, kind=kind, calls=len(shapes),
                           workspace_bytes=workspace, state_tensor_bytes=b * d * length * n * 4)
 
     print()
@@ -566,7 +596,7 @@ def main() -> None:
     print(f'# scan workspace: scan_workspace_bytes of the recorded sizes (groups / copies of B and C / path: '
           + ', '.join(f'{k} {s["bc_groups"]}/{s["bc_copies"]}/'
                       f'{("compiled" if s["compiled"] else "pytorch") + (", time-major" if s["time_major"] else "")}'
-                      f'{", cross" if s["cross"] else ""}'
+                      f'{", " + s["kind"] if s["kind"] != "scan" else ""}'
                       for k, s in scans.items())
           + '); peak memory is the growth during a pass, without the weights')
     print(f'# total {elapsed:.0f} s, load average at the end {_load_average()} on {os.cpu_count()} CPUs')

@@ -166,7 +166,9 @@ def test_bad_inputs_raise(shape, needle):
 # ------------------------------------------------------------------------------ the blocks do their work
 
 def test_every_block_runs_its_operator(monkeypatch):
-    """Mamba blocks go through mambazoo's selective_scan (with the z gate), attention blocks through SDPA."""
+    """Mamba blocks go through mambazoo's selective_scan (with the z gate), attention blocks through SDPA (the
+    PyTorch path; float32 CPU inference runs the compiled mixer instead, tested in test_vim)."""
+    monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
     scans, sdpa = [], []
     real_scan, real_sdpa = blocks_module.selective_scan, F.scaled_dot_product_attention
     monkeypatch.setattr(blocks_module, 'selective_scan',

@@ -18,7 +18,8 @@ from mambazoo.models import VisionMamba
 from mambazoo.models import _blocks as blocks_module
 from mambazoo.models import vim as vim_module
 from mambazoo.models._blocks import Mamba, causal_conv1d_time_major
-from mambazoo.ops import selective_scan_ref
+from mambazoo.ops import scan_numba
+from mambazoo.ops import get_scan_backend, selective_scan_ref, set_scan_backend
 
 # Official entrypoint names (hustvl/Vim vim/models_mamba.py) -> ours.
 OFFICIAL_NAMES = {
@@ -182,13 +183,18 @@ def _official_branch(xz, conv, x_proj, dt_proj, A_log, D, rank, n):
                               delta_bias=dt_proj.bias.float(), delta_softplus=True)
 
 
+@pytest.mark.parametrize('path', ['compiled', 'pytorch'])
 @pytest.mark.parametrize('bimamba_type, divide', [('v2', True), ('v2', False), ('none', False)])
-def test_mixer_matches_two_separate_scans(bimamba_type, divide):
-    """Both directions in one stacked scan == a forward and a flipped backward scan with their own parameters."""
+def test_mixer_matches_two_separate_scans(bimamba_type, divide, path, monkeypatch):
+    """Both directions in one scan == a forward and a flipped backward scan with their own parameters: the
+    compiled CPU path (the backward branch read in place) and the PyTorch path (two stacked channel groups)."""
+    if path == 'pytorch':
+        monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
     torch.manual_seed(0)
     mixer = perturb(Mamba(24, d_state=8, bimamba_type=bimamba_type, if_divide_out=divide))
     h = images(3, 17, 24)
     with torch.no_grad():
+        assert mixer._compiled_path_applies(h) == (path == 'compiled' and scan_numba.numba_available())
         got = mixer(h)
         xz = F.linear(h, mixer.in_proj.weight).transpose(1, 2)
         y = _official_branch(xz, mixer.conv1d, mixer.x_proj, mixer.dt_proj, mixer.A_log, mixer.D, mixer.dt_rank, 8)
@@ -215,6 +221,9 @@ def test_mixer_backward_branch_matters():
 
 
 def test_mixer_one_scan_call_per_layer(monkeypatch):
+    """The PyTorch path (autograd, other devices, MAMBAZOO_NUMBA=0): one selective_scan call on both directions'
+    stacked channels per layer."""
+    monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
     calls = []
     real = blocks_module.selective_scan
     monkeypatch.setattr(blocks_module, 'selective_scan', lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
@@ -223,6 +232,37 @@ def test_mixer_one_scan_call_per_layer(monkeypatch):
         model(images(1, 3, 64, 64))
     assert len(calls) == SMALL['depth'], f'{len(calls)} scan calls for {SMALL["depth"]} layers'
     assert all(shape[1] == 2 * 2 * SMALL['embed_dim'] for shape in calls)  # both directions, expand 2
+
+
+@pytest.mark.skipif(not scan_numba.numba_available(), reason='numba is not installed')
+def test_mixer_compiled_path_on_cpu_inference(monkeypatch):
+    """Float32 CPU inference: one compiled conv and one compiled two-direction scan per layer, no selective_scan;
+    with gradients the PyTorch path, to the same result."""
+    calls = {name: [] for name in ('run_mixer_conv_silu', 'run_mixer_scan', 'selective_scan')}
+    for name, seen in calls.items():
+        real = getattr(blocks_module, name)
+        monkeypatch.setattr(blocks_module, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
+    model = small_model().eval()
+    x = images(2, 3, 64, 64)
+    with torch.no_grad():
+        inference = model(x)
+    assert {k: len(v) for k, v in calls.items()} == {'run_mixer_conv_silu': SMALL['depth'],
+                                                     'run_mixer_scan': SMALL['depth'], 'selective_scan': 0}
+    training = model(x)
+    assert len(calls['selective_scan']) == SMALL['depth'] and len(calls['run_mixer_scan']) == SMALL['depth']
+    assert rel_err(inference, training.detach()) < 1e-5
+    previous = get_scan_backend()
+    set_scan_backend('ref')  # another backend chosen: obeyed
+    try:
+        with torch.no_grad():
+            reference = model(x)
+    finally:
+        set_scan_backend(previous)
+    assert len(calls['selective_scan']) == 2 * SMALL['depth'] and len(calls['run_mixer_scan']) == SMALL['depth']
+    assert rel_err(inference, reference) < 1e-5
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):  # bfloat16 GEMMs: the PyTorch path
+        assert model(x).isfinite().all()
+    assert len(calls['run_mixer_scan']) == SMALL['depth']
 
 
 def test_causal_conv_time_major_equals_conv1d():

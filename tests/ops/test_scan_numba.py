@@ -100,10 +100,9 @@ def test_task_ranges_are_whole_simd_blocks_covering_every_unit():
 
 
 @pytest.mark.skipif(scan_numba._gomp_parallel() is None, reason="PyTorch does not use libgomp here")
-@pytest.mark.parametrize('name', ['scan', 'cross', 'conv'])
+@pytest.mark.parametrize('name', ['scan', 'cross', 'conv', 'mixer'])
 def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
     """Above MIN_PARALLEL_WORK, every kernel runs as tasks in PyTorch's OpenMP threads; same results as one."""
-    from mambazoo.models._blocks import causal_conv1d_silu
     from mambazoo.ops import cross_selective_scan
     regions = []
     real = scan_numba._gomp_parallel()
@@ -115,9 +114,12 @@ def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
     elif name == 'cross':
         inputs = _cross_inputs(2, 5, 4, 48, 4, 2, seed=13)
         run = lambda: cross_selective_scan(**inputs, delta_softplus=True)  # noqa: E731
+    elif name == 'conv':
+        xz, w, b = torch.randn(2, 30, 160), torch.randn(160, 1, 4), torch.randn(160)
+        run = lambda: scan_numba.run_mixer_conv_silu(xz, w, b)  # noqa: E731
     else:
-        x, w, b = torch.randn(30, 2, 80), torch.randn(80, 1, 4), torch.randn(80)
-        run = lambda: causal_conv1d_silu(x, w, b)  # noqa: E731
+        inputs = _mixer_inputs(2, 30, 80, 4, 2, seed=14)
+        run = lambda: scan_numba.run_mixer_scan(**inputs, divide=True)  # noqa: E731
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -364,39 +366,129 @@ def test_softplus_matches_float64():
     assert np.isnan(_elementwise('_softplus', np.array([np.nan], np.float32)))[0]
 
 
-# --------------------------------------------------------------- the Mamba mixer's causal conv1d + SiLU
+# ------------------------------------------------- the Mamba mixer's kernels: conv1d + SiLU, two-direction scan
 
-def _conv_reference(x, weight, bias):
-    """silu(causal depthwise conv1d) by F.conv1d in float64 on the (batch, C, L) layout: an independent path."""
-    k = weight.shape[-1]
-    y = F.conv1d(x.double().permute(1, 2, 0), weight.double(), None if bias is None else bias.double(),
-                 padding=k - 1, groups=x.shape[2])[..., :x.shape[0]]
-    return F.silu(y).permute(2, 0, 1)
-
-
-@pytest.mark.parametrize('length,batch,channels,k,bias', [
-    (197, 1, 768, 4, True), (30, 3, 40, 4, False), (2, 2, 16, 4, True), (1, 1, 24, 3, True), (25, 2, 33, 2, True)])
-def test_causal_conv1d_silu_kernel_matches_conv1d(length, batch, channels, k, bias, monkeypatch):
-    from mambazoo.models import _blocks
-    calls = []
-    real = _blocks.run_causal_conv1d_silu
-    monkeypatch.setattr(_blocks, 'run_causal_conv1d_silu', lambda *a: calls.append(1) or real(*a))
-    gen = torch.Generator().manual_seed(length + channels)
-    x = torch.randn(length, batch, channels, generator=gen)
-    weight = torch.randn(channels, 1, k, generator=gen) * 0.5
-    b = torch.randn(channels, generator=gen) if bias else None
-    with torch.no_grad():
-        got = _blocks.causal_conv1d_silu(x, weight, b)
-    assert calls, 'the compiled conv did not run'
-    assert got.shape == x.shape and got.dtype == torch.float32
-    assert_rel_close(got, _conv_reference(x, weight, b), 2e-6)
+def _mixer_conv_reference(xz, weight, bias):
+    """silu(depthwise conv1d) by F.conv1d in float64 on the (batch, C, L) layout, an independent path: the first
+    branch causal on x = xz[..., :d], the second (if any) the causal conv of the time-reversed x, reversed back."""
+    d, k = xz.shape[2] // 2, weight.shape[-1]
+    x = xz[..., :d].double().transpose(1, 2)
+    outs = []
+    for branch in range(weight.shape[0] // d):
+        w = weight[branch * d:(branch + 1) * d].double()
+        b = None if bias is None else bias[branch * d:(branch + 1) * d].double()
+        xb = x if branch == 0 else x.flip(-1)
+        y = F.conv1d(xb, w, b, padding=k - 1, groups=d)[..., :x.shape[-1]]
+        outs.append(y if branch == 0 else y.flip(-1))
+    return F.silu(torch.cat(outs, dim=1)).transpose(1, 2)
 
 
-def test_causal_conv1d_silu_with_autograd_is_differentiable(monkeypatch):
-    from mambazoo.models import _blocks
-    monkeypatch.setattr(_blocks, 'run_causal_conv1d_silu', lambda *a: pytest.fail('the compiled conv ran'))
-    x = torch.randn(10, 2, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(16, 1, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_blocks.causal_conv1d_silu, (x, weight, b))
-    assert_rel_close(_blocks.causal_conv1d_silu(x, weight, b), _conv_reference(x, weight, b), 1e-12)
+@pytest.mark.parametrize('batch,length,d,k,branches,bias', [
+    (1, 197, 384, 4, 2, True), (3, 30, 40, 4, 2, False), (2, 2, 16, 4, 2, True), (1, 1, 24, 3, 1, True),
+    (2, 25, 33, 2, 1, True), (2, 9, 20, 4, 1, False)])
+def test_mixer_conv_kernel_matches_conv1d(batch, length, d, k, branches, bias):
+    gen = torch.Generator().manual_seed(length + d)
+    xz = torch.randn(batch, length, 2 * d, generator=gen)
+    weight = torch.randn(branches * d, 1, k, generator=gen) * 0.5
+    b = torch.randn(branches * d, generator=gen) if bias else None
+    got = scan_numba.run_mixer_conv_silu(xz, weight, b)
+    assert got.shape == (batch, length, branches * d) and got.dtype == torch.float32
+    assert_rel_close(got, _mixer_conv_reference(xz, weight, b), 2e-6)
+
+
+def _mixer_inputs(batch, length, d, n_state, branches, rank=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, lo=-1.0, hi=1.0):
+        return torch.rand(*shape, generator=gen) * (hi - lo) + lo
+
+    return dict(u=rand(batch, length, branches * d),
+                deltas=[rand(batch, length, d, lo=-3.0, hi=1.0) for _ in range(branches)],
+                projections=[rand(batch, length, rank + 2 * n_state) for _ in range(branches)],
+                xz=rand(batch, length, 2 * d, lo=-3.0, hi=3.0), A=-rand(branches * d, n_state, lo=0.05, hi=4.0),
+                D=rand(branches * d), delta_bias=rand(branches * d, lo=-2.0, hi=0.5), dt_rank=rank)
+
+
+def _mixer_scan_reference(inputs, divide):
+    """The mixer's scan from the float64 sequential reference: branch 0 forwards, branch 1 on the reversed
+    sequence (reversed back), each gated by silu(z), summed (and halved)."""
+    x = {k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()}
+    d, rank = x['xz'].shape[2] // 2, x['dt_rank']
+    n_state = x['A'].shape[1]
+    z = x['xz'][..., d:].transpose(1, 2)
+    total = 0
+    for branch, (delta, proj) in enumerate(zip(inputs['deltas'], inputs['projections'])):
+        ch = slice(branch * d, (branch + 1) * d)
+        flip = (lambda t: t.flip(-1)) if branch else (lambda t: t)
+        proj = proj.double().transpose(1, 2)
+        y = selective_scan_ref(flip(x['u'][..., ch].transpose(1, 2)), flip(delta.double().transpose(1, 2)),
+                               x['A'][ch], flip(proj[:, rank:rank + n_state]), flip(proj[:, rank + n_state:]),
+                               x['D'][ch], z=flip(z), delta_bias=x['delta_bias'][ch], delta_softplus=True)
+        total = total + flip(y)
+    if divide and len(inputs['deltas']) == 2:
+        total = total / 2
+    return total.transpose(1, 2)
+
+
+@pytest.mark.parametrize('threads', ['1', '2'])
+@pytest.mark.parametrize('batch,length,d,n_state,branches,divide', [
+    (1, 197, 384, 16, 2, True),  # Vim-T's layer
+    (2, 33, 40, 16, 2, False),  # d not a multiple of the threads' 16-channel blocks
+    (3, 1, 32, 4, 2, True),  # one step
+    (2, 50, 48, 1, 1, False),  # one direction (the hybrid's mixer), N = 1
+    (1, 20, 24, 5, 1, True),  # divide means nothing with one branch
+])
+def test_mixer_scan_kernel_matches_reference(batch, length, d, n_state, branches, divide, threads, monkeypatch):
+    monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
+    inputs = _mixer_inputs(batch, length, d, n_state, branches, seed=length + d)
+    got = scan_numba.run_mixer_scan(**inputs, divide=divide)
+    assert got.shape == (batch, length, d) and got.dtype == torch.float32
+    assert_rel_close(got, _mixer_scan_reference(inputs, divide), 2e-5)
+
+
+@pytest.mark.parametrize('where', ['u_forward', 'u_backward', 'delta_backward', 'z'])
+def test_mixer_scan_nan_propagates_like_the_reference(where):
+    inputs = _mixer_inputs(1, 12, 16, 4, 2, seed=3)
+    d = 16
+    if where == 'u_forward':
+        inputs['u'][0, 4, 2] = math.nan
+    elif where == 'u_backward':
+        inputs['u'][0, 4, d + 2] = math.nan
+    elif where == 'delta_backward':
+        inputs['deltas'][1][0, 7, 5] = math.nan
+    else:
+        inputs['xz'][0, 6, d + 1] = math.nan
+    got = scan_numba.run_mixer_scan(**inputs, divide=True)
+    expected = _mixer_scan_reference(inputs, True)
+    assert expected.isnan().any() and not expected.isnan().all()
+    assert torch.equal(got.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize('change,match', [
+    (lambda x: x.update(u=x['u'][..., :-1]), 'u must have shape'),
+    (lambda x: x.update(deltas=[x['deltas'][0], x['deltas'][1][:, :-1]]), r'deltas\[1\] must have shape'),
+    (lambda x: x.update(projections=[p[..., :-1] for p in x['projections']]), r'projections\[0\] must'),
+    (lambda x: x.update(xz=x['xz'][:1]), 'xz must have shape'),
+    (lambda x: x.update(A=x['A'][:, :2]), r'projections\[0\] must'),  # N from A: the projections disagree
+    (lambda x: x.update(D=x['D'][:-1]), 'D must have shape'),
+    (lambda x: x.update(projections=x['projections'][:1]), 'one or two branches'),
+    (lambda x: x.update(deltas=x['deltas'] * 2, projections=x['projections'] * 2), 'one or two branches'),
+    (lambda x: x.update(xz=x['xz'].double()), 'must be float32'),
+])
+def test_mixer_scan_refuses_bad_arguments(change, match):
+    """The compiled loops do no bounds checks: every shape is checked before."""
+    inputs = _mixer_inputs(2, 6, 16, 4, 2)
+    change(inputs)
+    with pytest.raises(ValueError, match=match):
+        scan_numba.run_mixer_scan(**inputs)
+
+
+def test_mixer_conv_refuses_bad_weights():
+    xz = torch.randn(1, 5, 32)
+    for weight in (torch.randn(24, 1, 4), torch.randn(16, 2, 4), torch.randn(16, 4)):
+        with pytest.raises(ValueError, match='weight must be'):
+            scan_numba.run_mixer_conv_silu(xz, weight, None)
+    with pytest.raises(ValueError, match='bias must have shape'):
+        scan_numba.run_mixer_conv_silu(xz, torch.randn(32, 1, 4), torch.randn(16))
+    with pytest.raises(ValueError, match='xz must be float32'):
+        scan_numba.run_mixer_conv_silu(xz.bfloat16(), torch.randn(32, 1, 4), None)

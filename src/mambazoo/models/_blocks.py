@@ -11,6 +11,11 @@ transposing copy, and the flip of the backward branch is a flip of the leading d
 through ONE ``selective_scan`` call: the backward branch's channels are stacked after the forward ones (2 * d_inner
 channels, A/D/delta_bias concatenated, B and C as two channel groups), which halves the per-step work of the scan's
 time loop, the part that dominates on a CPU.
+
+Float32 inference on a CPU (with the 'chunked' scan backend, the default there) takes another road,
+``_forward_compiled``: two numba-compiled loops (``ops.scan_numba``) read in_proj's batch-major output in place,
+the conv + SiLU of both branches and the scan of both directions (the backward one from the last step to the
+first, so nothing is flipped, concatenated or transposed), and only the GEMMs run in PyTorch.
 """
 import math
 from typing import Optional, Tuple, Union
@@ -20,9 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
-from ..ops.scan_numba import compiled_inference_applies, run_causal_conv1d_silu
+from ..ops.selective_scan import resolve_scan_backend
+from ..ops.scan_numba import compiled_inference_applies, run_mixer_conv_silu, run_mixer_scan
 
-__all__ = ['Mamba', 'causal_conv1d_time_major', 'causal_conv1d_silu']
+__all__ = ['Mamba', 'causal_conv1d_time_major']
 
 
 def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -46,14 +52,6 @@ def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     for shift in range(1, min(k, length)):
         out[shift:].addcmul_(x[:-shift], w[:, k - 1 - shift])
     return out
-
-
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """``F.silu(causal_conv1d_time_major(x, weight, bias))``; for float32 inference on a CPU in one compiled
-    pass (``scan_numba.run_causal_conv1d_silu``) instead of k + 1 PyTorch passes over x."""
-    if x.dtype == torch.float32 and compiled_inference_applies(x, weight, bias):  # float32 out, as x
-        return run_causal_conv1d_silu(x, weight, bias)
-    return F.silu(causal_conv1d_time_major(x, weight, bias))
 
 
 class Mamba(nn.Module):
@@ -171,6 +169,8 @@ class Mamba(nn.Module):
         """(B, L, d_model) -> (B, L, d_model)."""
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
             raise ValueError(f'Mamba expects (B, L, {self.d_model}) tokens, got {tuple(hidden_states.shape)}')
+        if self._compiled_path_applies(hidden_states):
+            return self._forward_compiled(hidden_states)
         d_inner, rank, n = self.d_inner, self.dt_rank, self.d_state
         xz = self.in_proj(hidden_states).transpose(0, 1)  # (L, B, 2 * d_inner), a view
         x, z = xz[..., :d_inner], xz[..., d_inner:]
@@ -186,7 +186,7 @@ class Mamba(nn.Module):
         else:
             x = x.contiguous()
             conv_w, conv_b = self.conv1d.weight, self.conv1d.bias
-        u = causal_conv1d_silu(x, conv_w, conv_b)  # (L, B, C), C = d_inner or 2 d_inner
+        u = F.silu(causal_conv1d_time_major(x, conv_w, conv_b))  # (L, B, C), C = d_inner or 2 d_inner
         del x
 
         if self.bidirectional:
@@ -218,6 +218,41 @@ class Mamba(nn.Module):
             if self.if_divide_out:
                 y = y * 0.5
         out = self.out_proj(y).transpose(0, 1)  # (B, L, d_model)
+        if self.init_layer_scale is not None:
+            out = out * self.gamma
+        return out
+
+    def _compiled_path_applies(self, hidden_states: Tensor) -> bool:
+        """Float32 inference on a CPU with the scan backend on 'chunked' (explicitly or by 'auto'), whose CPU
+        inference the compiled kernels are: another backend chosen (the reference, a FLOP counter) is obeyed.
+        Not under autocast, whose GEMMs would hand the kernels bfloat16 activations."""
+        params = list(self.parameters())
+        return (hidden_states.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
+                and compiled_inference_applies(hidden_states, *params)  # on a CPU, among others
+                and not torch.is_autocast_enabled('cpu')
+                and resolve_scan_backend(hidden_states) == 'chunked')
+
+    def _forward_compiled(self, hidden_states: Tensor) -> Tensor:
+        """``forward`` for float32 inference on a CPU: the conv + SiLU and the scan (both directions in one pass)
+        are compiled loops (``ops.scan_numba``) that read in_proj's batch-major output in place. The backward
+        branch is computed in the original token order (an anti-causal conv, a scan from the last step), so
+        nothing is flipped or concatenated; only the GEMMs run in PyTorch."""
+        d_inner, rank = self.d_inner, self.dt_rank
+        branches = [(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
+        if self.bidirectional:
+            branches.append((self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
+        conv_w = torch.cat([conv.weight for conv, *_ in branches])
+        conv_b = torch.cat([conv.bias for conv, *_ in branches]) if self.conv1d.bias is not None else None
+        xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
+        u = run_mixer_conv_silu(xz, conv_w, conv_b)  # (B, L, K d_inner), K branches
+        projections = [F.linear(u[..., k * d_inner:(k + 1) * d_inner], x_proj.weight)
+                       for k, (_, x_proj, *_) in enumerate(branches)]
+        deltas = [F.linear(proj[..., :rank], dt_proj.weight) for proj, (_, _, dt_proj, *_) in zip(projections, branches)]
+        A = -torch.exp(torch.cat([A_log for *_, A_log, _ in branches]))
+        D = torch.cat([D for *_, D in branches])
+        delta_bias = torch.cat([dt_proj.bias for _, _, dt_proj, *_ in branches])
+        y = run_mixer_scan(u, deltas, projections, xz, A, D, delta_bias, rank, self.bidirectional and self.if_divide_out)
+        out = self.out_proj(y)
         if self.init_layer_scale is not None:
             out = out * self.gamma
         return out

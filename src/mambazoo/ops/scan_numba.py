@@ -13,6 +13,10 @@ lanes. exp2 is a degree-6 polynomial on the fraction with the power of two built
 vectorised exp without Intel's SVML); it is exact to about an ulp of float32. Divisions use numpy's error model
 (no ZeroDivisionError check, which would keep LLVM from vectorising the loops).
 
+The Mamba mixer (``models/_blocks.Mamba``) has two kernels of its own for float32 CPU inference: its conv1d +
+SiLU and its gated scan, batch-major as in_proj writes them, Vim's backward branch read in place (an anti-causal
+conv, a scan from the last step) and summed with the forward one in the same pass.
+
 Calls of some size split their channels (the cross scan: its batch elements) between PyTorch's own OpenMP
 threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
 competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64
@@ -22,7 +26,7 @@ import ctypes
 import functools
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,7 +43,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 __all__ = ['numba_available', 'compiled_inference_applies', 'run_scan_kernel', 'run_cross_scan_kernel',
-           'run_causal_conv1d_silu']
+           'run_mixer_conv_silu', 'run_mixer_scan']
 
 LOG2_E = math.log2(math.e)
 
@@ -110,6 +114,11 @@ if numba is not None:
         return (x if not x < np.float32(0.0) else np.float32(0.0)) + log1p_e  # a NaN x stays NaN
 
     @numba.njit(inline='always', fastmath={'contract'}, error_model='numpy')
+    def _silu(x):
+        """x * sigmoid(x) = x / (1 + 2**(-x log2(e)))."""
+        return x / (np.float32(1.0) + _exp2(-x * np.float32(LOG2_E)))
+
+    @numba.njit(inline='always', fastmath={'contract'}, error_model='numpy')
     def _step(h, A2t, a_lo, u_t, delta_t, bias, D, b_t, c_t, step, step_u, acc, softplus):
         """One time step for a slice of channels: acc = sum_n C_n h_n + D u, the states h (N, width) updated.
 
@@ -177,8 +186,7 @@ if numba is not None:
                     if gate:
                         z_t = z[t, i, lo:hi]
                         for j in range(width):
-                            zj = z_t[j]
-                            y_t[j] = acc[j] * (zj / (np.float32(1.0) + _exp2(-zj * np.float32(LOG2_E))))
+                            y_t[j] = acc[j] * _silu(z_t[j])
                     else:
                         for j in range(width):
                             y_t[j] = acc[j]
@@ -214,26 +222,81 @@ if numba is not None:
 
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _causal_conv1d_silu_channels(x, w_t, bias, out, c0, c1):
-        """out[t] = silu(bias + sum_s w[:, s] * x[t - (k - 1) + s]) for channels [c0, c1); x, out: (L, batch, C),
-        w_t: (k, C) (the taps transposed), bias: (C,). The terms are added in the order of
-        ``causal_conv1d_time_major`` (tap k - 1 first, then the bias, then the older steps)."""
-        length, batch, _ = x.shape
+    def _mixer_conv_silu_channels(xz, w_t, bias, out, c0, c1):
+        """The Mamba mixer's depthwise conv1d + SiLU, batch-major, for channels [c0, c1) of out.
+
+        xz: (batch, L, 2 d) in_proj's output, x its first d channels. out: (batch, L, K d), K = 1 or 2: channel
+        c < d is the causal conv of x[..., c] (the forward branch); c >= d the anti-causal conv of x[..., c - d]
+        (Vim's backward branch: the causal conv of the time-reversed sequence, kept in the original order).
+        w_t: (k, K d) the taps transposed, bias: (K d,). out = silu(bias + sum_s w[:, s] * x[t -+ (k - 1 - s)]),
+        the terms added in the order of ``causal_conv1d_time_major`` (the newest tap, the bias, then the older).
+        """
+        batch, length, d = xz.shape[0], xz.shape[1], xz.shape[2] // 2
         k = w_t.shape[0]
-        width = c1 - c0
-        bias_c, last = bias[c0:c1], w_t[k - 1, c0:c1]
-        for t in range(length):
+        for lo, hi, reverse in ((c0, min(c1, d), False), (max(c0, d), c1, True)):
+            if lo >= hi:
+                continue
+            width = hi - lo
+            x_lo = lo - d if reverse else lo  # the x channel of out channel lo
+            bias_c, newest = bias[lo:hi], w_t[k - 1, lo:hi]
             for i in range(batch):
-                o, x_t = out[t, i, c0:c1], x[t, i, c0:c1]
-                for j in range(width):
-                    o[j] = x_t[j] * last[j] + bias_c[j]
-                for shift in range(1, min(k, t + 1)):
-                    x_s, w_s = x[t - shift, i, c0:c1], w_t[k - 1 - shift, c0:c1]
+                for t in range(length):
+                    o, x_t = out[i, t, lo:hi], xz[i, t, x_lo:x_lo + width]
                     for j in range(width):
-                        o[j] += x_s[j] * w_s[j]
+                        o[j] = x_t[j] * newest[j] + bias_c[j]
+                    for shift in range(1, min(k, length - t if reverse else t + 1)):
+                        s = t + shift if reverse else t - shift
+                        x_s, w_s = xz[i, s, x_lo:x_lo + width], w_t[k - 1 - shift, lo:hi]
+                        for j in range(width):
+                            o[j] += x_s[j] * w_s[j]
+                    for j in range(width):
+                        o[j] = _silu(o[j])
+
+    @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
+    def _mixer_scan_channels(u, delta_f, delta_b, proj_f, proj_b, xz, A2t, D, bias, y, rank, divide, c0, c1):
+        """The Mamba mixer's selective scan, batch-major, for channels [c0, c1) of y: with a backward branch
+        (u has 2 d channels), Vim's two directions summed before the gate.
+
+        u: (batch, L, K d) the conv's output; delta_f, delta_b: (batch, L, d) before bias and softplus (delta_b
+        unused for K = 1); proj_f, proj_b: (batch, L, rank + 2N) x_proj's outputs, B and C at [rank, rank + N)
+        and [rank + N, rank + 2N); xz: (batch, L, 2 d), z its last d channels. A2t: (N, K d) = A^T * log2(e);
+        D, bias: (K d,). The backward branch scans the steps from the last to the first (the time-reversed
+        sequence, read in place). y = (y_forward + y_backward) * silu(z), halved if ``divide``.
+        """
+        batch, length, d = y.shape
+        N = A2t.shape[0]
+        backward = u.shape[2] > d
+        scale = np.float32(0.5) if divide and backward else np.float32(1.0)
+        width = c1 - c0
+        state = np.empty((N, width), np.float32)
+        step = np.empty(width, np.float32)
+        step_u = np.empty(width, np.float32)
+        acc = np.empty(width, np.float32)
+        b_lo, c_lo = rank, rank + N
+        for i in range(batch):
+            state[:] = 0
+            for t in range(length):
+                _step(state, A2t, c0, u[i, t, c0:c1], delta_f[i, t, c0:c1], bias[c0:c1], D[c0:c1],
+                      proj_f[i, t, b_lo:b_lo + N], proj_f[i, t, c_lo:c_lo + N], step, step_u, acc, True)
+                y_t = y[i, t, c0:c1]
+                if backward:
+                    for j in range(width):
+                        y_t[j] = acc[j]
+                else:
+                    z_t = xz[i, t, d + c0:d + c1]
+                    for j in range(width):
+                        y_t[j] = acc[j] * _silu(z_t[j])
+            if not backward:
+                continue
+            state[:] = 0
+            lo = d + c0  # the backward branch's channels in u, A2t, D, bias
+            for t in range(length - 1, -1, -1):
+                _step(state, A2t, lo, u[i, t, lo:lo + width], delta_b[i, t, c0:c1], bias[lo:lo + width],
+                      D[lo:lo + width], proj_b[i, t, b_lo:b_lo + N], proj_b[i, t, c_lo:c_lo + N], step, step_u,
+                      acc, True)
+                y_t, z_t = y[i, t, c0:c1], xz[i, t, d + c0:d + c1]
                 for j in range(width):
-                    v = o[j]
-                    o[j] = v / (np.float32(1.0) + _exp2(-v * np.float32(LOG2_E)))
+                    y_t[j] = (y_t[j] + acc[j]) * _silu(z_t[j]) * scale
 
 
 def _check_shapes(caller: str, expected: dict) -> None:
@@ -303,21 +366,59 @@ def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return out
 
 
-def run_causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """silu(causal depthwise conv1d) of the Mamba mixer, time-major, in one pass: x (L, batch, C) float32,
-    weight (C, 1, k) as ``nn.Conv1d`` stores it, bias (C,) or None. Returns (L, batch, C) float32.
-
-    The same computation as ``F.silu(causal_conv1d_time_major(x, weight, bias))`` (k + 1 passes over x there).
+def run_mixer_conv_silu(xz: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """silu(depthwise conv1d) of the Mamba mixer in one pass, batch-major: xz (batch, L, 2 d) float32, in_proj's
+    output (x is its first d channels); weight (K d, 1, k) as ``nn.Conv1d`` stores it (K = 2: Vim's two
+    branches' weights concatenated), bias (K d,) or None. Returns (batch, L, K d) float32: channels [0, d) the
+    causal conv of x, [d, 2 d) the anti-causal one (the causal conv of the reversed sequence, in the original
+    order). For K = 1 the same computation as ``F.silu(causal_conv1d_time_major(...))`` in another layout.
     """
-    length, batch, channels = x.shape
-    if weight.dim() != 3 or weight.shape[:2] != (channels, 1):
-        raise ValueError(f'run_causal_conv1d_silu: weight must be ({channels}, 1, k), got {tuple(weight.shape)}')
+    batch, length, two_d = xz.shape
+    if two_d % 2 or weight.dim() != 3 or weight.shape[0] not in (two_d // 2, two_d) or weight.shape[1] != 1:
+        raise ValueError(f'run_mixer_conv_silu: weight must be (d or 2 d, 1, k) for xz of {two_d} = 2 d channels, '
+                         f'got {tuple(weight.shape)}')
+    if xz.dtype != torch.float32:
+        raise ValueError(f'run_mixer_conv_silu: xz must be float32, got {xz.dtype}')
+    channels = weight.shape[0]
     w_t = weight[:, 0, :].t().float().contiguous()
     bias = bias.float() if bias is not None else w_t.new_zeros(channels)
-    out = torch.empty(length, batch, channels, dtype=torch.float32)
-    arrays = [t.contiguous().numpy() for t in (x.float(), w_t, bias, out)]
-    _launch('conv', arrays, (), channels, length * batch * channels)
+    _check_shapes('run_mixer_conv_silu', {'bias': (bias, (channels,))})
+    out = torch.empty(batch, length, channels, dtype=torch.float32)
+    arrays = [t.contiguous().numpy() for t in (xz, w_t, bias, out)]
+    _launch('conv', arrays, (), channels, batch * length * channels)
     return out
+
+
+def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Tensor], xz: Tensor, A: Tensor,
+                   D: Tensor, delta_bias: Tensor, dt_rank: int, divide: bool = False) -> Tensor:
+    """The Mamba mixer's gated selective scan (softplus on delta + bias), batch-major, by the compiled loop; with
+    two branches (Vim's bimamba 'v2') both directions in one pass and summed before the gate.
+
+    u: float32 (batch, L, K d) from ``run_mixer_conv_silu`` (K = 1 or 2 branches); deltas: K tensors (batch, L,
+    d), dt_proj's outputs without its bias; projections: K tensors (batch, L, dt_rank + 2N), x_proj's outputs
+    (B and C follow the dt_rank inputs of dt_proj); xz: (batch, L, 2 d), z its last d channels; A: (K d, N);
+    D, delta_bias: (K d,). Branch k uses channels [k d, (k + 1) d) of u, A, D, delta_bias; the second reads the
+    sequence backwards. Returns (batch, L, d) = (y_1 + y_2) * silu(z), halved if ``divide``.
+    """
+    batch, length, channels = u.shape
+    K, N = len(deltas), A.shape[1]
+    d = channels // max(K, 1)
+    if K not in (1, 2) or len(projections) != K:
+        raise ValueError(f'run_mixer_scan: one or two branches, got {K} deltas and {len(projections)} projections')
+    expected = {'u': (u, (batch, length, K * d)), 'xz': (xz, (batch, length, 2 * d)), 'A': (A, (K * d, N)),
+                'D': (D, (K * d,)), 'delta_bias': (delta_bias, (K * d,))}
+    for k in range(K):
+        expected[f'deltas[{k}]'] = (deltas[k], (batch, length, d))
+        expected[f'projections[{k}]'] = (projections[k], (batch, length, dt_rank + 2 * N))
+    _check_shapes('run_mixer_scan', expected)
+    if any(t.dtype != torch.float32 for t in (u, xz, *deltas, *projections)):
+        raise ValueError('run_mixer_scan: the activations must be float32')
+    A2t, D, bias = _channel_parameters(A, D, delta_bias)
+    y = torch.empty(batch, length, d, dtype=torch.float32)
+    arrays = [t.contiguous().numpy() for t in (u, deltas[0], deltas[-1], projections[0], projections[-1], xz, A2t,
+                                                D, bias, y)]
+    _launch('mixer', arrays, (dt_rank, divide), d, batch * length * K * d * N)
+    return y
 
 
 # -- threads ------------------------------------------------------------------------------------------------
@@ -337,6 +438,8 @@ _KERNEL_ARRAYS = {
              (3, 'f4')),
     'cross': ((3, 'f4'), (4, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (3, 'f4')),
     'conv': ((3, 'f4'), (2, 'f4'), (1, 'f4'), (3, 'f4')),
+    'mixer': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'),
+              (3, 'f4')),
 }
 
 if numba is not None:
@@ -419,10 +522,18 @@ if numba is not None:
     def _conv_task(data):
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
-            _causal_conv1d_silu_channels(_f3(data, 5), _f2(data, 9), _f1(data, 12), _f3(data, 14), c0, c1)
+            _mixer_conv_silu_channels(_f3(data, 5), _f2(data, 9), _f1(data, 12), _f3(data, 14), c0, c1)
+
+    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    def _mixer_task(data):
+        c0, c1 = _task_range(data, 16)
+        if c0 < c1:
+            _mixer_scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f3(data, 17), _f3(data, 21),
+                                 _f3(data, 25), _f2(data, 29), _f1(data, 32), _f1(data, 34), _f3(data, 36), data[3],
+                                 data[4] != 0, c0, c1)
 
     _KERNELS = {'scan': (_scan_channels, _scan_task), 'cross': (_cross_scan_channels, _cross_task),
-                'conv': (_causal_conv1d_silu_channels, _conv_task)}
+                'conv': (_mixer_conv_silu_channels, _conv_task), 'mixer': (_mixer_scan_channels, _mixer_task)}
 
 
 _IMPORT_PID = os.getpid()
