@@ -9,8 +9,13 @@ One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on 
 * stand-ins for the official code paths: our mambavision_tiny, vmamba_tiny and vim_tiny with the reference scan
   (``set_scan_backend('ref')``: two (batch, dim, L, N) tensors, one step at a time, as mamba_ssm's reference), for
   VMamba also the reference cross scan / merge (gather and scatter-add, ``cross_scan_ref`` / ``cross_merge_ref``,
-  patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan`` uses), for those rows only. The
+  patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan`` uses), for those rows only,
+  and the linear layers on ``F.linear`` (MAMBAZOO_ONEDNN_LINEAR=0), as the official code runs them. The
   reference outputs are checked against the fast ones at batch 1.
+
+Our rows' linear layers run on oneDNN (``ops/linear.py``; on AMD processors MKL's sgemm, what ``F.linear`` and
+so timm's models use, runs AVX2 code): ``MAMBAZOO_ONEDNN_LINEAR=0`` in the environment measures ours on
+``F.linear`` too, the comparison of the same GEMM library on both sides.
 
 Our rows run what a user gets: float32 CPU inference through the numba-compiled kernels (``ops/scan_numba.py``);
 ``MAMBAZOO_NUMBA=0`` in the environment measures the pure-PyTorch paths instead (``benchmarks/cpu_kernels.py``
@@ -167,13 +172,19 @@ def code_path(row: Row) -> Iterator[None]:
     patched = {'cross_scan_time_major': _cross_scan_time_major_ref,
                'cross_merge_time_major': _cross_merge_time_major_ref} if row.model.startswith('vmamba') else {}
     saved = {name: getattr(vmamba_ops, name) for name in patched}
+    saved_linear = os.environ.get('MAMBAZOO_ONEDNN_LINEAR')
     set_scan_backend('ref')
+    os.environ['MAMBAZOO_ONEDNN_LINEAR'] = '0'  # the official code's linear layers: F.linear (MKL's sgemm)
     for name, fn in patched.items():
         setattr(vmamba_ops, name, fn)
     try:
         yield
     finally:
         set_scan_backend(previous)
+        if saved_linear is None:
+            os.environ.pop('MAMBAZOO_ONEDNN_LINEAR', None)
+        else:
+            os.environ['MAMBAZOO_ONEDNN_LINEAR'] = saved_linear
         for name, fn in saved.items():
             setattr(vmamba_ops, name, fn)
 
@@ -406,9 +417,16 @@ def machine_line(threads: int, allocator: Optional[bool]) -> str:
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     alloc = {None: 'absent', True: 'applied', False: 'not applied (not glibc)'}[allocator]
+    try:
+        from mambazoo.ops.linear import onednn_linear_applies
+        with torch.no_grad():
+            probe = torch.zeros(1, 1)
+            linear = 'on oneDNN' if onednn_linear_applies(probe, probe, None) else 'on F.linear'
+    except ImportError:
+        linear = 'on F.linear'
     return (f'# {cpu}, {os.cpu_count()} CPUs ({usable} usable), Python {platform.python_version()}, '
             f'torch {torch.__version__}, timm {timm.__version__}, mambazoo {mambazoo.__version__}, '
-            f'{torch.get_num_threads()} threads, scan backend {get_scan_backend()!r}, '
+            f'{torch.get_num_threads()} threads, scan backend {get_scan_backend()!r}, our linear layers {linear}, '
             f'tune_cpu_allocator {alloc}, OMP_WAIT_POLICY {os.environ.get("OMP_WAIT_POLICY", "unset")}, '
             f'load average {_load_average()}')
 

@@ -200,12 +200,13 @@ def test_femto_equals_timm_on_timm_weights(tmp_path):
     with torch.no_grad():
         want, got = reference(x), ours(x)
         assert rel_err(got, want) < F32_TOL, f'logits relative error {rel_err(got, want):.2e}'
-        torch.testing.assert_close(ours.forward_features(x), reference.forward_features(x), rtol=1e-5, atol=1e-5)
+        # relative to each tensor's scale: our linear layers sum in another order (oneDNN, ops/linear.py)
+        assert rel_err(ours.forward_features(x), reference.forward_features(x)) < F32_TOL
         for a, b in zip(ours.forward_intermediates(x, intermediates_only=True),
                         reference.forward_intermediates(x, intermediates_only=True)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True),
-                                   reference.forward_head(reference.forward_features(x), pre_logits=True))
+            assert rel_err(a, b) < F32_TOL
+        assert rel_err(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                       reference.forward_head(reference.forward_features(x), pre_logits=True)) < F32_TOL
 
 
 @pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)

@@ -241,7 +241,8 @@ def test_mixer_compiled_path_on_cpu_inference(monkeypatch):
     calls = {name: [] for name in ('run_mixer_conv_silu', 'run_mixer_scan', 'selective_scan')}
     for name, seen in calls.items():
         real = getattr(blocks_module, name)
-        monkeypatch.setattr(blocks_module, name, lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
+        monkeypatch.setattr(blocks_module, name,
+                            lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
     model = small_model().eval()
     x = images(2, 3, 64, 64)
     with torch.no_grad():

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import selective_scan
+from ..ops.linear import linear
 from ..ops.selective_scan import resolve_scan_backend
 from ..ops.scan_numba import compiled_inference_applies, run_mixer_conv_silu, run_mixer_scan
 
@@ -190,11 +191,11 @@ class Mamba(nn.Module):
         del x
 
         if self.bidirectional:
-            x_dbl = F.linear(u[..., :d_inner], self.x_proj.weight)  # (L, B, rank + 2N)
-            x_dbl_b = F.linear(u[..., d_inner:], self.x_proj_b.weight)
+            x_dbl = linear(u[..., :d_inner], self.x_proj.weight)  # (L, B, rank + 2N)
+            x_dbl_b = linear(u[..., d_inner:], self.x_proj_b.weight)
             # dt_proj's bias is applied inside the scan (delta_bias), in float32, as the official kernel does.
-            delta = torch.cat((F.linear(x_dbl[..., :rank], self.dt_proj.weight),
-                               F.linear(x_dbl_b[..., :rank], self.dt_proj_b.weight)), dim=-1)
+            delta = torch.cat((linear(x_dbl[..., :rank], self.dt_proj.weight),
+                               linear(x_dbl_b[..., :rank], self.dt_proj_b.weight)), dim=-1)
             # B and C: (L, B, 2 groups, N), passed to the scan as (B, G, N, L) views.
             B = torch.stack((x_dbl[..., rank:rank + n], x_dbl_b[..., rank:rank + n]), dim=2).permute(1, 2, 3, 0)
             C = torch.stack((x_dbl[..., rank + n:], x_dbl_b[..., rank + n:]), dim=2).permute(1, 2, 3, 0)
@@ -203,7 +204,7 @@ class Mamba(nn.Module):
             delta_bias = torch.cat((self.dt_proj.bias, self.dt_proj_b.bias)).float()
         else:
             x_dbl = self.x_proj(u)
-            delta = F.linear(x_dbl[..., :rank], self.dt_proj.weight)
+            delta = linear(x_dbl[..., :rank], self.dt_proj.weight)
             B = x_dbl[..., rank:rank + n].permute(1, 2, 0)  # (B, N, L) view
             C = x_dbl[..., rank + n:].permute(1, 2, 0)
             A = -torch.exp(self.A_log.float())
@@ -245,13 +246,15 @@ class Mamba(nn.Module):
         conv_b = torch.cat([conv.bias for conv, *_ in branches]) if self.conv1d.bias is not None else None
         xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
         u = run_mixer_conv_silu(xz, conv_w, conv_b)  # (B, L, K d_inner), K branches
-        projections = [F.linear(u[..., k * d_inner:(k + 1) * d_inner], x_proj.weight)
+        projections = [linear(u[..., k * d_inner:(k + 1) * d_inner], x_proj.weight)
                        for k, (_, x_proj, *_) in enumerate(branches)]
-        deltas = [F.linear(proj[..., :rank], dt_proj.weight) for proj, (_, _, dt_proj, *_) in zip(projections, branches)]
+        deltas = [linear(proj[..., :rank], dt_proj.weight)
+                  for proj, (_, _, dt_proj, *_) in zip(projections, branches)]
         A = -torch.exp(torch.cat([A_log for *_, A_log, _ in branches]))
         D = torch.cat([D for *_, D in branches])
         delta_bias = torch.cat([dt_proj.bias for _, _, dt_proj, *_ in branches])
-        y = run_mixer_scan(u, deltas, projections, xz, A, D, delta_bias, rank, self.bidirectional and self.if_divide_out)
+        y = run_mixer_scan(u, deltas, projections, xz, A, D, delta_bias, rank,
+                           divide=self.bidirectional and self.if_divide_out)
         out = self.out_proj(y)
         if self.init_layer_scale is not None:
             out = out * self.gamma

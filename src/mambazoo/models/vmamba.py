@@ -31,6 +31,7 @@ from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import FeatureInfo, feature_take_indices
 
 from ..ops import cross_selective_scan
+from ..ops.linear import linear, use_onednn_linear
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
@@ -57,7 +58,7 @@ class Linear2d(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # A matrix product over the channels-last view: no copy when the map is stored channels-last (as
         # every map after the first LayerNorm2d is), and the output is stored channels-last again.
-        return F.linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+        return linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
 
 
 class Mlp(nn.Module):
@@ -207,7 +208,7 @@ class SS2D(nn.Module):
         K, D, R, N = self.k_group, self.d_inner, self.dt_rank, self.d_state
         x_hwc = x.permute(0, 2, 3, 1)  # (B, H, W, D)
         # x_proj of every direction, on the row-major tokens (a per-token map: traversing afterwards is the same)
-        x_dbl = F.linear(x_hwc, self.x_proj_weight.to(x.dtype).reshape(K * (R + 2 * N), D))
+        x_dbl = linear(x_hwc, self.x_proj_weight.to(x.dtype).reshape(K * (R + 2 * N), D))
         dts, Bs, Cs = torch.split(x_dbl.view(batch, H, W, K, R + 2 * N), [R, N, N], dim=4)
         y = cross_selective_scan(
             x_hwc, dts, self.dt_projs_weight.to(x.dtype), -torch.exp(_at_least_f32(self.A_logs)), Bs, Cs,
@@ -453,6 +454,7 @@ class VSSM(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
+        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .scan_reference import compute_dtype
+from .scan_reference import compute_dtype, tracer_active
 
 try:  # numba is a dependency, but the pure-PyTorch path covers a platform without its wheel
     import llvmlite.ir
@@ -61,8 +61,7 @@ def compiled_inference_applies(*tensors: Optional[Tensor]) -> bool:
     return (numba_available() and all(t.device.type == 'cpu' for t in present)
             and compute_dtype(*present) == torch.float32
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                     or torch.onnx.is_in_onnx_export()))
+            and not tracer_active())
 
 
 if numba is not None:

@@ -1,0 +1,162 @@
+"""``ops.linear``: F.linear through oneDNN for float32 CPU inference, the plain op everywhere else.
+
+Every comparison is against F.linear in float64 on the same inputs, and every test that means the oneDNN road
+checks that it was taken (``onednn_calls``): a silent fallback would otherwise pass unnoticed.
+"""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mambazoo
+from mambazoo.ops import linear as linear_module
+from mambazoo.ops.linear import Linear, linear, onednn_linear_applies, use_onednn_linear
+
+needs_onednn = pytest.mark.skipif(linear_module._onednn_linear_op() is None,
+                                  reason='no oneDNN linear op here (not x86, or PyTorch without mkldnn)')
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """A list that grows by one at each oneDNN linear call."""
+    calls = []
+    real = linear_module._onednn_linear_op()
+
+    def counting(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(linear_module, '_onednn_linear_op', lambda: None if real is None else counting)
+    return calls
+
+
+def assert_close_to_float64(got, x, weight, bias):
+    want = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    # float32 sums of K products: a few ulps of the sum of |terms|
+    scale = F.linear(x.double().abs(), weight.double().abs(), None if bias is None else bias.double().abs())
+    assert ((got.double() - want).abs() <= 1e-6 * x.shape[-1] ** 0.5 * scale + 1e-30).all()
+
+
+@needs_onednn
+@pytest.mark.parametrize('shape,out_features,bias,view', [
+    ((197, 192), 768, True, None),  # a Vim-T in_proj
+    ((2, 197, 384), 44, False, 'first_half'),  # x_proj on one branch's channels: a strided view
+    ((2, 197, 384), 12, False, 'second_half'),
+    ((3, 7, 7, 96), 384, True, None),  # channels-last MLP of a 4-d map
+    ((5, 197, 12), 192, True, 'transposed'),  # a non-contiguous batch dimension
+    ((0, 16), 8, True, None),  # no rows
+])
+def test_onednn_linear_matches_float64(shape, out_features, bias, view, onednn_calls):
+    gen = torch.Generator().manual_seed(sum(shape) + out_features)
+    x = torch.randn(*shape, generator=gen)
+    if view == 'first_half':
+        x = x[..., :shape[-1] // 2]
+    elif view == 'second_half':
+        x = x[..., shape[-1] // 2:]
+    elif view == 'transposed':
+        x = x.transpose(0, 1)
+    weight = torch.randn(out_features, x.shape[-1], generator=gen) / x.shape[-1] ** 0.5
+    b = torch.randn(out_features, generator=gen) if bias else None
+    with torch.no_grad():
+        got = linear(x, weight, b)
+    assert len(onednn_calls) == 1
+    assert_close_to_float64(got, x, weight, b)
+
+
+@needs_onednn
+def test_gradients_take_f_linear(onednn_calls):
+    x = torch.randn(4, 6, requires_grad=True)
+    layer = Linear(6, 3)
+    y = layer(x)
+    y.sum().backward()
+    assert not onednn_calls and x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():  # the same values without the gradient
+        torch.testing.assert_close(layer(x), y.detach())
+    assert len(onednn_calls) == 1
+    torch.testing.assert_close(layer(x.detach()).detach(), y.detach())  # grad mode on, but the weight needs one
+    assert len(onednn_calls) == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize('case', ['float64', 'bfloat16', 'autocast', 'disabled', 'one_dim', 'meta', 'traced'])
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated")
+def test_other_calls_take_f_linear(case, onednn_calls, monkeypatch):
+    x, weight, bias = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    if case == 'float64':
+        x, weight, bias = x.double(), weight.double(), bias.double()
+    elif case == 'bfloat16':
+        x = x.bfloat16()
+        weight, bias = weight.bfloat16(), bias.bfloat16()
+    elif case == 'disabled':
+        monkeypatch.setenv('MAMBAZOO_ONEDNN_LINEAR', '0')
+    elif case == 'one_dim':
+        x = x[0]
+    elif case == 'meta':
+        x, weight, bias = x.to('meta'), weight.to('meta'), bias.to('meta')
+    with torch.no_grad():
+        if case == 'autocast':
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                got = linear(x, weight, bias)
+                want = F.linear(x, weight, bias)
+        elif case == 'traced':
+            traced = torch.jit.trace(lambda t: linear(t, weight, bias), (x,), check_trace=False)
+            assert 'mkldnn' not in str(traced.graph)
+            got, want = traced(x), F.linear(x, weight, bias)
+        else:
+            got, want = linear(x, weight, bias), F.linear(x, weight, bias)
+    assert not onednn_calls
+    if case != 'meta':
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got.shape == want.shape and got.dtype == want.dtype
+
+
+def test_applies_only_where_documented():
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        assert onednn_linear_applies(x, w, None) == (linear_module._onednn_linear_op() is not None)
+        assert not onednn_linear_applies(x, w, torch.randn(3, dtype=torch.float64))
+    assert not onednn_linear_applies(x, w.requires_grad_(), None)
+
+
+class _OwnForward(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_use_onednn_linear_swaps_plain_linears_only():
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), _OwnForward(8, 8), nn.Sequential(nn.Linear(8, 2)))
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[0].weight
+    assert use_onednn_linear(model) is model
+    assert type(model[0]) is Linear and type(model[3][0]) is Linear and type(model[2]) is _OwnForward
+    assert isinstance(model[0], nn.Linear) and model[0].weight is weight  # the same module, the same parameters
+    assert list(model.state_dict()) == list(keys)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        y = model(x)
+        for m in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert type(m[0]) is Linear
+            torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)[0]) is Linear
+
+
+@needs_onednn
+@pytest.mark.parametrize('name', ['mambavision_tiny', 'vmamba_tiny', 'vim_tiny', 'mambaout_femto', 'hybrid_tiny'])
+def test_models_run_their_linears_on_onednn(name, onednn_calls):
+    """Every family's linear layers (timm's Mlp and Attention inside ours too) take the oneDNN road in float32
+    CPU inference; the classifier agrees with the plain op (the model-level agreement: the golden tests)."""
+    model = mambazoo.create_model(name, num_classes=7)
+    plain = [m for m in model.modules() if type(m) is nn.Linear]
+    assert not plain, f'{name}: {len(plain)} nn.Linear modules not swapped'
+    assert any(isinstance(m, Linear) for m in model.modules())
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 64, 64))
+    assert onednn_calls, f'{name}: no linear call went to oneDNN'
