@@ -228,19 +228,20 @@ def scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, bc_gro
     return elements * element_size
 
 
-def cross_scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, x_copied: bool,
+def cross_scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, rank: int, x_copied: bool,
                                threads: int = 2, element_size: int = 4) -> int:
     """Bytes the compiled cross scan (VMamba's float32 CPU inference, ``cross_selective_scan`` ->
     ``scan_numba.run_cross_scan_kernel``) allocates besides its (batch, L, d) output; ``dim`` is 4 * d.
 
-    From the code (keep in step with it): the step sizes per token and direction (batch, L, 4, d) from the
-    einsum; the copies of B and C out of x_proj's output (batch, L, 4, N) each; a row-major copy of x
-    (batch, L, d) when it is not contiguous; A^T*log2(e) (N, 4d) and a zero vector (4d); and the kernel's
-    per-thread scratch, a (N, d) state and three d-sized buffers (numba's).
+    From the code (keep in step with it): one contiguous copy of x_proj's output per token and direction, the
+    ``rank`` step inputs, B and C, (batch, L, 4, rank + 2N) (the step sizes themselves are projected inside the
+    kernel: no (batch, L, 4, d) tensor); a row-major copy of x (batch, L, d) when it is not contiguous; the
+    projection's weight transposed (4, rank, d); A^T*log2(e) (N, 4d) and a zero vector (4d); and the kernel's
+    per-thread scratch, a (N, d) state and four d-sized buffers (numba's).
     """
     d = dim // 4
-    elements = (batch * length * dim + 2 * batch * length * 4 * d_state + int(x_copied) * batch * length * d
-                + d_state * dim + dim + (d_state + 3) * d * threads)
+    elements = (batch * length * 4 * (rank + 2 * d_state) + int(x_copied) * batch * length * d + rank * dim
+                + d_state * dim + dim + (d_state + 4) * d * threads)
     return elements * element_size
 
 
@@ -259,8 +260,8 @@ def mixer_scan_workspace_bytes(dim: int, d_state: int, branches: int, element_si
 
 # batch, dim, L, N, groups of B and C, copies of B and C, compiled loop?, time-major inputs?, gated (z)?, kind:
 # 'scan' (selective_scan), 'cross' (VMamba's cross scan, dim = 4 d; "copies" then says whether x was copied) or
-# 'mixer' (the Mamba mixer's compiled scan, dim = K d)
-ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool, str]
+# 'mixer' (the Mamba mixer's compiled scan, dim = K d); the rank of the step-size projection (the cross scan's)
+ScanShape = Tuple[int, int, int, int, int, int, bool, bool, bool, str, int]
 
 
 def _copied_in_scan(M: torch.Tensor) -> bool:
@@ -288,26 +289,26 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
         time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
                          for x in (u, delta, kwargs.get('z')) if x is not None)
         shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
-                       kwargs.get('z') is not None, 'scan'))
+                       kwargs.get('z') is not None, 'scan', 0))
         return fast(u, delta, A, B, C, *args, **kwargs)
 
     import importlib
     cross_module = importlib.import_module('mambazoo.ops.cross_scan')
     cross_kernel = cross_module.run_cross_scan_kernel
 
-    def recording_cross(x, delta, A, B, *args):
+    def recording_cross(x, dts, dt_weight, A, B, *args):
         # x arrives as a (batch, L, d) float32 view or copy; the copy is made when the map was not contiguous
         batch, length, _ = x.shape
         shapes.append((batch, A.shape[0], length, A.shape[1], B.shape[2], 1 - int(x._base is not None), True,
-                       False, False, 'cross'))
-        return cross_kernel(x, delta, A, B, *args)
+                       False, False, 'cross', dt_weight.shape[2]))
+        return cross_kernel(x, dts, dt_weight, A, B, *args)
 
     blocks_module = importlib.import_module('mambazoo.models._blocks')
     mixer_kernel = blocks_module.run_mixer_scan
 
     def recording_mixer(u, deltas, *args, **kwargs):
         batch, length, dim = u.shape
-        shapes.append((batch, dim, length, args[2].shape[1], len(deltas), 0, True, False, True, 'mixer'))
+        shapes.append((batch, dim, length, args[2].shape[1], len(deltas), 0, True, False, True, 'mixer', 0))
         return mixer_kernel(u, deltas, *args, **kwargs)
 
     backends['chunked'] = recording
@@ -554,10 +555,10 @@ def main() -> None:
     # The largest scan of each of our models (by the size of its state tensor) and its workspace.
     scans = {}
     for key, shapes in scan_shapes.items():
-        b, d, length, n, groups, copies, compiled, time_major, gated, kind = max(
+        b, d, length, n, groups, copies, compiled, time_major, gated, kind, rank = max(
             shapes, key=lambda s: s[0] * s[1] * s[2] * s[3])
         if kind == 'cross':
-            workspace = cross_scan_workspace_bytes(b, d, length, n, bool(copies), args.threads)
+            workspace = cross_scan_workspace_bytes(b, d, length, n, rank, bool(copies), args.threads)
         elif kind == 'mixer':
             workspace = mixer_scan_workspace_bytes(d, n, groups)
         else:

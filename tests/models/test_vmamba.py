@@ -316,16 +316,18 @@ def test_one_compiled_cross_scan_per_block_in_cpu_inference(monkeypatch):
     calls = []
     real = cross_scan_ops.run_cross_scan_kernel
 
-    def spy(x, delta, A, B, C, *args):
-        calls.append(dict(x=tuple(x.shape), delta=tuple(delta.shape), A=tuple(A.shape), B=tuple(B.shape)))
-        return real(x, delta, A, B, C, *args)
+    def spy(x, dts, dt_weight, A, B, C, *args):
+        calls.append(dict(x=tuple(x.shape), dts=tuple(dts.shape), dt_weight=tuple(dt_weight.shape),
+                          A=tuple(A.shape), B=tuple(B.shape)))
+        return real(x, dts, dt_weight, A, B, C, *args)
 
     monkeypatch.setattr(cross_scan_ops, 'run_cross_scan_kernel', spy)
     with torch.no_grad():
         model(images(2, 3, 64, 96))
     assert len(calls) == sum(SMALL['depths'])
-    d_inner, L = 16, 16 * 24
-    assert calls[0] == dict(x=(2, L, d_inner), delta=(2, L, 4, d_inner), A=(4 * d_inner, 2), B=(2, L, 4, 2))
+    d_inner, L, rank = 16, 16 * 24, 1
+    assert calls[0] == dict(x=(2, L, d_inner), dts=(2, L, 4, rank), dt_weight=(4, d_inner, rank),
+                            A=(4 * d_inner, 2), B=(2, L, 4, 2))
 
 
 def test_ss2d_equals_four_separate_scans_along_explicit_permutations():

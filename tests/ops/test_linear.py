@@ -68,6 +68,25 @@ def test_onednn_linear_matches_float64(shape, out_features, bias, view, onednn_c
     assert_close_to_float64(got, x, weight, b)
 
 
+@pytest.mark.parametrize('path', ['onednn', 'f_linear'])
+def test_gelu_applied_by_the_gemm(path, onednn_calls, monkeypatch):
+    """``gelu=True`` is the exact (erf) GELU of the output, on both roads."""
+    if path == 'f_linear':
+        monkeypatch.setenv('MAMBAZOO_ONEDNN_LINEAR', '0')
+    elif linear_module._onednn_linear_op() is None:
+        pytest.skip('no oneDNN linear op here')
+    gen = torch.Generator().manual_seed(3)
+    x, weight, bias = torch.randn(2, 50, 96, generator=gen), torch.randn(384, 96, generator=gen) / 10, \
+        torch.randn(384, generator=gen)
+    with torch.no_grad():
+        got = linear(x, weight, bias, gelu=True)
+    assert len(onednn_calls) == (path == 'onednn')
+    want = F.gelu(F.linear(x.double(), weight.double(), bias.double()))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert (got - F.gelu(F.linear(x, weight, bias))).abs().max() < 1e-5
+
+
 @needs_onednn
 def test_gradients_take_f_linear(onednn_calls):
     x = torch.randn(4, 6, requires_grad=True)

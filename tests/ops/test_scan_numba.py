@@ -303,18 +303,36 @@ def test_cross_scan_with_autograd_takes_the_pytorch_path(cross_kernel_calls):
     assert not cross_kernel_calls and inputs['x'].grad is not None
 
 
-def test_cross_kernel_refuses_bad_positions():
+@pytest.mark.parametrize('rank', [1, 6])
+def test_cross_kernel_on_views_of_one_projection(rank, cross_kernel_calls):
+    """As SS2D calls it: the step inputs, B and C are slices of one x_proj output (B, H, W, 4, R + 2N)."""
+    from mambazoo.ops import cross_selective_scan
+    gen = torch.Generator().manual_seed(rank)
+    batch, height, width, d, n_state = 2, 5, 7, 24, 1
+    inputs = _cross_inputs(batch, height, width, d, rank, n_state, seed=rank + 40)
+    x_dbl = torch.randn(batch, height, width, 4, rank + 2 * n_state, generator=gen)
+    inputs['dts'], inputs['B'], inputs['C'] = torch.split(x_dbl, [rank, n_state, n_state], dim=4)
+    with torch.no_grad():
+        y = cross_selective_scan(**inputs, delta_softplus=True)
+    assert cross_kernel_calls
+    expected = cross_selective_scan(**{k: v.double() for k, v in inputs.items()}, delta_softplus=True, backend='ref')
+    assert_rel_close(y, expected, 2e-6)
+
+
+def test_cross_kernel_refuses_bad_arguments():
     length = 6
-    args = dict(x=torch.zeros(1, length, 16), delta=torch.zeros(1, length, 4, 16), A=-torch.ones(64, 1),
-                B=torch.zeros(1, length, 4, 1), C=torch.zeros(1, length, 4, 1), D=None, delta_bias=None,
-                delta_softplus=False)
-    bad = torch.arange(length).repeat(4, 1)
+    args = dict(x=torch.zeros(1, length, 16), dts=torch.zeros(1, length, 4, 2), dt_weight=torch.zeros(4, 16, 2),
+                A=-torch.ones(64, 1), B=torch.zeros(1, length, 4, 1), C=torch.zeros(1, length, 4, 1), D=None,
+                delta_bias=None, delta_softplus=False)
+    good = torch.arange(length).repeat(4, 1)
+    bad = good.clone()
     bad[2, 3] = length  # one past the end: would write outside the output
     with pytest.raises(ValueError, match='positions'):
         scan_numba.run_cross_scan_kernel(**args, positions=bad)
-    with pytest.raises(ValueError, match='delta must have shape'):
-        scan_numba.run_cross_scan_kernel(**{**args, 'delta': torch.zeros(1, length, 16)},
-                                         positions=torch.arange(length).repeat(4, 1))
+    for name, value in (('dts', torch.zeros(1, length, 4, 3)), ('dt_weight', torch.zeros(4, 8, 2)),
+                        ('B', torch.zeros(1, length, 4, 2)), ('positions', good[:, :-1])):
+        with pytest.raises(ValueError, match=f'{name} must have shape'):
+            scan_numba.run_cross_scan_kernel(**{**args, 'positions': good, name: value})
 
 
 # ------------------------------------------------------------------------- the kernel's exp2 and softplus

@@ -55,10 +55,10 @@ def _lookup(table: Dict[str, Any], name: Any, what: str) -> Any:
 class Linear2d(nn.Linear):
     """A 1x1 convolution over an NCHW map, stored as an ``nn.Linear`` (weight (out, in)), as the official one."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
         # A matrix product over the channels-last view: no copy when the map is stored channels-last (as
         # every map after the first LayerNorm2d is), and the output is stored channels-last again.
-        return linear(x.permute(0, 2, 3, 1), self.weight, self.bias).permute(0, 3, 1, 2)
+        return linear(x.permute(0, 2, 3, 1), self.weight, self.bias, gelu=gelu).permute(0, 3, 1, 2)
 
 
 class Mlp(nn.Module):
@@ -74,6 +74,8 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.gated and type(self.act) is nn.GELU and self.act.approximate == 'none':
+            return self.drop(self.fc2(self.drop(self.fc1(x, gelu=True))))  # the GELU applied by fc1's GEMM
         x = self.fc1(x)
         if self.gated:
             x, z = x.chunk(2, dim=1)

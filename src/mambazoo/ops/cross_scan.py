@@ -211,13 +211,11 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
     if name == 'chunked' and compiled_inference_applies(*inputs):
-        # CPU inference: the compiled loop reads every direction's steps in place and merges as it goes
-        delta = torch.einsum('bhwkr,kdr->bhwkd', dts.float(), dt_weight.float())
-        K, N = B.shape[3], B.shape[4]
+        # CPU inference: the compiled loop reads every direction's steps in place, projects their step sizes
+        # and merges as it goes
         out = run_cross_scan_kernel(
-            x.reshape(batch, length, d_inner).float(), delta.reshape(batch, length, K, d_inner), A.float(),
-            B.reshape(batch, length, K, N).float(), C.reshape(batch, length, K, N).float(), D, delta_bias,
-            delta_softplus, _positions(height, width))
+            x.reshape(batch, length, d_inner).float(), dts.flatten(1, 2), dt_weight, A.float(), B.flatten(1, 2),
+            C.flatten(1, 2), D, delta_bias, delta_softplus, _positions(height, width))
         return out.view(batch, height, width, d_inner).to(x.dtype)
     xs = cross_scan_time_major(x)  # (L, batch, 4, d)
     dts, B, C = (cross_scan_time_major(t) for t in (dts, B, C))  # (L, batch, 4, R or N)

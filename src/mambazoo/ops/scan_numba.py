@@ -192,18 +192,23 @@ if numba is not None:
                 h[i, :, lo:hi] = state
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _cross_scan_channels(x, delta, A2t, B, C, D, bias, positions, out, softplus, c0, c1, i0, i1):
+    def _cross_scan_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, softplus, c0, c1, i0, i1):
         """VMamba's four-direction scan for channels [c0, c1) of every direction, merged on the grid.
 
         x, out: (batch, L, d) row-major tokens; every direction reads x, and out (zeros on entry) receives the
-        sum of the directions' outputs, each at its token's place. delta: (batch, L, K, d), B, C: (batch, L, K, N),
-        per token and direction. positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T *
-        log2(e); D, bias: (K*d,), direction-major. The states start at zero. Batch elements [i0, i1) only.
+        sum of the directions' outputs, each at its token's place. dbl: (batch, L, K, R + 2N), x_proj's output
+        per token and direction: the R inputs of the step-size projection, then B, then C. dt_wt: (K, R, d), the
+        projection's weight transposed: delta = dbl[..., :R] @ dt_wt[k] is computed here, per step, instead of
+        being read from a (batch, L, K, d) tensor made before (memory-bound at VMamba's first stage).
+        positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T * log2(e); D, bias: (K*d,),
+        direction-major. The states start at zero. Batch elements [i0, i1) only.
         """
         batch, length, dim = x.shape
-        K, N = B.shape[2], B.shape[3]
+        K, R = dt_wt.shape[0], dt_wt.shape[1]
+        N = A2t.shape[0]
         width = c1 - c0
         state = np.empty((N, width), np.float32)
+        delta = np.empty(width, np.float32)
         step = np.empty(width, np.float32)
         step_u = np.empty(width, np.float32)
         acc = np.empty(width, np.float32)
@@ -213,12 +218,19 @@ if numba is not None:
                 lo = k * dim + c0  # this direction's channels in A2t, D, bias
                 for t in range(length):
                     p = positions[k, t]
-                    _step(state, A2t, lo, x[i, p, c0:c1], delta[i, p, k, c0:c1], bias[lo:lo + width],
-                          D[lo:lo + width], B[i, p, k], C[i, p, k], step, step_u, acc, softplus)
+                    row = dbl[i, p, k]
+                    w_0, r_0 = dt_wt[k, 0, c0:c1], row[0]
+                    for j in range(width):
+                        delta[j] = r_0 * w_0[j]
+                    for r in range(1, R):
+                        w_r, r_r = dt_wt[k, r, c0:c1], row[r]
+                        for j in range(width):
+                            delta[j] += r_r * w_r[j]
+                    _step(state, A2t, lo, x[i, p, c0:c1], delta, bias[lo:lo + width], D[lo:lo + width],
+                          row[R:R + N], row[R + N:R + 2 * N], step, step_u, acc, softplus)
                     out_p = out[i, p, c0:c1]
                     for j in range(width):
                         out_p[j] += acc[j]
-
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
     def _mixer_conv_silu_channels(xz, w_t, bias, out, c0, c1):
@@ -341,26 +353,34 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     _launch('scan', arrays, (delta_softplus, gate), dim, length * batch * dim * N)
 
 
-def run_cross_scan_kernel(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                          delta_bias: Optional[Tensor], delta_softplus: bool, positions: Tensor) -> Tensor:
-    """VMamba's cross selective scan by the compiled loop: every direction reads x and delta at the token of its
-    step, and the directions' outputs are summed at their tokens (no traversed or merged copy is made).
+def run_cross_scan_kernel(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                          positions: Tensor) -> Tensor:
+    """VMamba's cross selective scan by the compiled loop: every direction reads x and its step inputs at the
+    token of its step, projects its step sizes there, and the directions' outputs are summed at their tokens
+    (no traversed, projected or merged copy is made).
 
-    x: float32 (batch, L, d) row-major tokens; delta: float32 (batch, L, K, d) per token and direction (before
-    bias and softplus); B, C: float32 (batch, L, K, N); A: (K*d, N); D, delta_bias: (K*d,) or None, direction-
-    major; positions: (K, L) int, the token of each direction's step. Returns (batch, L, d) float32.
+    x: float32 (batch, L, d) row-major tokens; dts: (batch, L, K, R) the low-rank step inputs per token and
+    direction, projected by dt_weight (K, d, R) (delta = dts @ dt_weight[k]^T, before bias and softplus); B, C:
+    (batch, L, K, N); A: (K*d, N); D, delta_bias: (K*d,) or None, direction-major; positions: (K, L) int, the
+    token of each direction's step. Returns (batch, L, d) float32.
     """
     batch, length, dim = x.shape
-    K, N = B.shape[2], B.shape[3]
-    expected = {'x': (x, (batch, length, dim)), 'delta': (delta, (batch, length, K, dim)),
-                'B': (B, (batch, length, K, N)), 'C': (C, (batch, length, K, N)), 'A': (A, (K * dim, N)),
-                'positions': (positions, (K, length))}
+    K, R = dt_weight.shape[0], dt_weight.shape[2]
+    N = A.shape[1]
+    expected = {'x': (x, (batch, length, dim)), 'dts': (dts, (batch, length, K, R)),
+                'dt_weight': (dt_weight, (K, dim, R)), 'B': (B, (batch, length, K, N)),
+                'C': (C, (batch, length, K, N)), 'A': (A, (K * dim, N)), 'positions': (positions, (K, length))}
     _check_shapes('run_cross_scan_kernel', expected)
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
         raise ValueError(f'run_cross_scan_kernel: positions must lie in [0, {length})')
     A2t, D, bias = _channel_parameters(A, D, delta_bias)
+    # One contiguous row of step inputs, B and C per token and direction (the caller's are views of x_proj's
+    # output, which holds them in that order already: one small copy instead of two).
+    dbl = torch.cat((dts, B, C), dim=-1).float()
+    dt_wt = dt_weight.float().transpose(1, 2).contiguous()  # (K, R, d): the channels contiguous
     out = torch.zeros(batch, length, dim, dtype=torch.float32)
-    arrays = [t.contiguous().numpy() for t in (x, delta, A2t, B, C, D, bias, positions.to(torch.int64), out)]
+    arrays = [t.contiguous().numpy() for t in (x, dbl, dt_wt, A2t, D, bias, positions.to(torch.int64), out)]
     _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N, batch)
     return out
 
@@ -435,7 +455,7 @@ MIN_PARALLEL_WORK = 65536  # below, one thread: the parallel region's start cost
 _KERNEL_ARRAYS = {
     'scan': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (3, 'f4'),
              (3, 'f4')),
-    'cross': ((3, 'f4'), (4, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (3, 'f4')),
+    'cross': ((3, 'f4'), (4, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (3, 'f4')),
     'conv': ((3, 'f4'), (2, 'f4'), (1, 'f4'), (3, 'f4')),
     'mixer': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'),
               (3, 'f4')),
@@ -514,8 +534,8 @@ if numba is not None:
             c0, c1 = _task_range(data, 16)
             i0, i1 = 0, x.shape[0]
         if c0 < c1 and i0 < i1:
-            _cross_scan_channels(x, _f4(data, 9), _f2(data, 14), _f4(data, 17), _f4(data, 22), _f1(data, 27),
-                                 _f1(data, 29), _i2(data, 31), _f3(data, 34), data[3] != 0, c0, c1, i0, i1)
+            _cross_scan_channels(x, _f4(data, 9), _f3(data, 14), _f2(data, 18), _f1(data, 21), _f1(data, 23),
+                                 _i2(data, 25), _f3(data, 28), data[3] != 0, c0, c1, i0, i1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _conv_task(data):
