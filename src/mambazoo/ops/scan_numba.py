@@ -17,8 +17,8 @@ The Mamba mixer (``models/_blocks.Mamba``) has two kernels of its own for float3
 SiLU and its gated scan, batch-major as in_proj writes them, Vim's backward branch read in place (an anti-causal
 conv, a scan from the last step) and summed with the forward one in the same pass.
 
-Calls of some size split their channels (the cross scan: its batch elements) between PyTorch's own OpenMP
-threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
+Calls of some size split their channels (the cross scan: its batch elements, or its four directions for a
+single image) between PyTorch's own OpenMP threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
 competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64
 and for layouts this kernel does not take (fixed B/C, different group counts for B and C).
 """
@@ -192,7 +192,7 @@ if numba is not None:
                 h[i, :, lo:hi] = state
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _cross_scan_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, softplus, c0, c1, i0, i1):
+    def _cross_scan_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, softplus, c0, c1, i0, i1, k0, k1):
         """VMamba's four-direction scan for channels [c0, c1) of every direction, merged on the grid.
 
         x, out: (batch, L, d) row-major tokens; every direction reads x, and out (zeros on entry) receives the
@@ -201,7 +201,7 @@ if numba is not None:
         projection's weight transposed: delta = dbl[..., :R] @ dt_wt[k] is computed here, per step, instead of
         being read from a (batch, L, K, d) tensor made before (memory-bound at VMamba's first stage).
         positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T * log2(e); D, bias: (K*d,),
-        direction-major. The states start at zero. Batch elements [i0, i1) only.
+        direction-major. The states start at zero. Batch elements [i0, i1) and directions [k0, k1) only.
         """
         batch, length, dim = x.shape
         K, R = dt_wt.shape[0], dt_wt.shape[1]
@@ -213,7 +213,7 @@ if numba is not None:
         step_u = np.empty(width, np.float32)
         acc = np.empty(width, np.float32)
         for i in range(i0, i1):
-            for k in range(K):
+            for k in range(k0, k1):
                 state[:] = 0
                 lo = k * dim + c0  # this direction's channels in A2t, D, bias
                 for t in range(length):
@@ -350,7 +350,7 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     gate = z is not None
     # C-contiguous arrays: numba compiles (and vectorises) one specialisation for them
     arrays = [x.contiguous().numpy() for x in (u, delta, z if gate else u, A2t, B, C, D, bias, h, y)]
-    _launch('scan', arrays, (delta_softplus, gate), dim, length * batch * dim * N)
+    _launch('scan', arrays, (delta_softplus, gate), dim, _thread_count(length * batch * dim * N))
 
 
 def run_cross_scan_kernel(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -379,10 +379,21 @@ def run_cross_scan_kernel(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, 
     # output, which holds them in that order already: one small copy instead of two).
     dbl = torch.cat((dts, B, C), dim=-1).float()
     dt_wt = dt_weight.float().transpose(1, 2).contiguous()  # (K, R, d): the channels contiguous
-    out = torch.zeros(batch, length, dim, dtype=torch.float32)
-    arrays = [t.contiguous().numpy() for t in (x, dbl, dt_wt, A2t, D, bias, positions.to(torch.int64), out)]
-    _launch('cross', arrays, (delta_softplus,), dim, batch * length * K * dim * N, batch)
-    return out
+    # The split: by batch elements when there are enough (a thread runs all the channels of its elements:
+    # longer vector loops than a share of them, VMamba's first stage has 96); else by directions, each task
+    # adding into an output of its own, summed after; else by channels.
+    threads = _thread_count(batch * length * K * dim * N)
+    if threads > 1 and batch >= threads:
+        split, units, align = CROSS_BY_BATCH, batch, 1
+    elif threads > 1 and K >= threads:
+        split, units, align = CROSS_BY_DIRECTION, K, 1
+    else:
+        split, units, align = CROSS_BY_CHANNELS, dim, 16
+    parts = min(threads, K) if split == CROSS_BY_DIRECTION else 1
+    outs = torch.zeros(parts, batch, length, dim, dtype=torch.float32)
+    arrays = [t.contiguous().numpy() for t in (x, dbl, dt_wt, A2t, D, bias, positions.to(torch.int64), outs)]
+    _launch('cross', arrays, (delta_softplus, split), units, threads, align)
+    return outs[0] if parts == 1 else outs.sum(0)
 
 
 def run_mixer_conv_silu(xz: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -404,7 +415,7 @@ def run_mixer_conv_silu(xz: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
     _check_shapes('run_mixer_conv_silu', {'bias': (bias, (channels,))})
     out = torch.empty(batch, length, channels, dtype=torch.float32)
     arrays = [t.contiguous().numpy() for t in (xz, w_t, bias, out)]
-    _launch('conv', arrays, (), channels, batch * length * channels)
+    _launch('conv', arrays, (), channels, _thread_count(batch * length * channels))
     return out
 
 
@@ -436,7 +447,7 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
     y = torch.empty(batch, length, d, dtype=torch.float32)
     arrays = [t.contiguous().numpy() for t in (u, deltas[0], deltas[-1], projections[0], projections[-1], xz, A2t,
                                                 D, bias, y)]
-    _launch('mixer', arrays, (dt_rank, divide), d, batch * length * K * d * N)
+    _launch('mixer', arrays, (dt_rank, divide), d, _thread_count(batch * length * K * d * N))
     return y
 
 
@@ -448,14 +459,17 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
 # milliseconds (its default wait policy), on the very cores a pool's threads need; measured on 2 cores, a pool
 # thread made every call below ~10M state updates slower. PyTorch's workers instead pick the task up at once:
 # 1.65x on Vim-T's batch-1 scan (0.92 -> 0.56 ms). Without a libgomp-based PyTorch, calls run on one thread.
+# Every call goes through its kernel's task, on one thread a plain ctypes call of it (tasks = 1); the task
+# unpacks its arrays from one int64 vector (addresses and shapes) and takes its range by an atomic ticket.
 
 MIN_PARALLEL_WORK = 65536  # below, one thread: the parallel region's start costs more than it saves
+CROSS_BY_CHANNELS, CROSS_BY_BATCH, CROSS_BY_DIRECTION = 0, 1, 2  # how a cross-scan call is split
 
 # The arrays each kernel takes, in order, as (ndim, dtype) for the task's unpacking.
 _KERNEL_ARRAYS = {
     'scan': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (3, 'f4'),
              (3, 'f4')),
-    'cross': ((3, 'f4'), (4, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (3, 'f4')),
+    'cross': ((3, 'f4'), (4, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'), (2, 'i8'), (4, 'f4')),
     'conv': ((3, 'f4'), (2, 'f4'), (1, 'f4'), (3, 'f4')),
     'mixer': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (1, 'f4'), (1, 'f4'),
               (3, 'f4')),
@@ -526,16 +540,21 @@ if numba is not None:
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _cross_task(data):
-        x = _f3(data, 5)
-        if data[4] != 0:  # split by batch elements, every channel
-            i0, i1 = _task_range(data, 1)
-            c0, c1 = 0, x.shape[2]
+        """data[4] says how the work is split: CROSS_BY_CHANNELS, CROSS_BY_BATCH or CROSS_BY_DIRECTION; split
+        by directions, task p adds into its own output, outs[p] (directions meet at every token)."""
+        x, dt_wt, outs = _f3(data, 5), _f3(data, 14), _f4(data, 28)
+        ticket = _fetch_add(data, 1)
+        c0, c1, i0, i1, k0, k1, part = 0, x.shape[2], 0, x.shape[0], 0, dt_wt.shape[0], 0
+        if data[4] == CROSS_BY_BATCH:
+            i0, i1 = _task_bounds(ticket, data[1], data[2], 1)
+        elif data[4] == CROSS_BY_DIRECTION:
+            k0, k1 = _task_bounds(ticket, data[1], data[2], 1)
+            part = ticket
         else:
-            c0, c1 = _task_range(data, 16)
-            i0, i1 = 0, x.shape[0]
-        if c0 < c1 and i0 < i1:
-            _cross_scan_channels(x, _f4(data, 9), _f3(data, 14), _f2(data, 18), _f1(data, 21), _f1(data, 23),
-                                 _i2(data, 25), _f3(data, 28), data[3] != 0, c0, c1, i0, i1)
+            c0, c1 = _task_bounds(ticket, data[1], data[2], 16)
+        if c0 < c1 and i0 < i1 and k0 < k1:
+            _cross_scan_channels(x, _f4(data, 9), dt_wt, _f2(data, 18), _f1(data, 21), _f1(data, 23),
+                                 _i2(data, 25), outs[part], data[3] != 0, c0, c1, i0, i1, k0, k1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _conv_task(data):
@@ -551,8 +570,7 @@ if numba is not None:
                                  _f3(data, 25), _f2(data, 29), _f1(data, 32), _f1(data, 34), _f3(data, 36), data[3],
                                  data[4] != 0, c0, c1)
 
-    _KERNELS = {'scan': (_scan_channels, _scan_task), 'cross': (_cross_scan_channels, _cross_task),
-                'conv': (_mixer_conv_silu_channels, _conv_task), 'mixer': (_mixer_scan_channels, _mixer_task)}
+    _TASKS = {'scan': _scan_task, 'cross': _cross_task, 'conv': _conv_task, 'mixer': _mixer_task}
 
 
 _IMPORT_PID = os.getpid()
@@ -580,30 +598,34 @@ def _libgomp_parallel():
     return fn
 
 
-def _launch(name: str, arrays: list, flags: tuple, dim: int, work: int, batch: int = 0) -> None:
-    """Run kernel ``name`` over channels [0, dim): on this thread, or split between PyTorch's threads (or
-    MAMBAZOO_SCAN_THREADS) when the call has at least MIN_PARALLEL_WORK elements of work and PyTorch's
-    libgomp is there. Each range is written by one thread only, so the results do not depend on the split.
-
-    The cross scan (``batch`` given) splits by batch elements when there are at least as many as threads:
-    a thread then runs all the channels of its elements, longer vector loops than a share of the channels
-    (VMamba's first stage has 96; the loop's fixed cost per step is then spread over twice the channels).
-    """
-    kernel, task = _KERNELS[name]
+def _thread_count(work: int) -> int:
+    """Threads for a call of ``work`` elements: PyTorch's (or MAMBAZOO_SCAN_THREADS) from MIN_PARALLEL_WORK on,
+    where PyTorch's libgomp is there to run the tasks; otherwise 1."""
     forced = os.environ.get('MAMBAZOO_SCAN_THREADS')
     threads = int(forced) if forced else (torch.get_num_threads() if work >= MIN_PARALLEL_WORK else 1)
-    by_batch = name == 'cross' and batch >= threads > 1
-    threads = max(1, min(threads, batch if by_batch else dim // 16))
-    parallel = _gomp_parallel() if threads > 1 else None
-    if parallel is None:
-        kernel(*arrays, *flags, 0, dim, *((0, batch) if name == 'cross' else ()))
-        return
+    return threads if threads > 1 and _gomp_parallel() is not None else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _task_on_this_thread(name: str):
+    """Kernel ``name``'s task as a ctypes function (a call costs well under a microsecond)."""
+    return ctypes.CFUNCTYPE(None, ctypes.c_void_p)(_TASKS[name].address)
+
+
+def _launch(name: str, arrays: list, flags: tuple, units: int, threads: int, align: int = 16) -> None:
+    """Run kernel ``name``'s task over ``units`` (channels, in whole blocks of ``align`` = 16; or batch
+    elements or directions, ``align`` 1): as ``threads`` tasks in PyTorch's OpenMP threads, or as one task on
+    this thread. Each range is written by one task only, so the results do not depend on the split.
+    """
+    threads = max(1, min(threads, units // align))
     layout = _KERNEL_ARRAYS[name]
-    flags = tuple(flags) + ((by_batch,) if name == 'cross' else ())
-    fields = [0, threads, batch if by_batch else dim] + [int(f) for f in flags] + [0] * (2 - len(flags))
+    fields = [0, threads, units] + [int(f) for f in flags] + [0] * (2 - len(flags))
     for array, (ndim, dtype) in zip(arrays, layout, strict=True):
         if array.ndim != ndim or array.dtype != np.dtype(dtype) or not array.flags.c_contiguous:
             raise ValueError(f'{name} kernel: an argument is {array.dtype} {array.shape}, expected {ndim}-d {dtype}')
         fields += [array.ctypes.data, *array.shape]
     data = np.array(fields, dtype=np.int64)
-    parallel(task.address, data.ctypes.data, threads, 0)  # returns when every task is done
+    if threads == 1:
+        _task_on_this_thread(name)(data.ctypes.data)
+    else:
+        _gomp_parallel()(_TASKS[name].address, data.ctypes.data, threads, 0)  # returns when every task is done
