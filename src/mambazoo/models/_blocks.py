@@ -18,7 +18,7 @@ the conv + SiLU of both branches and the scan of both directions (the backward o
 first, so nothing is flipped, concatenated or transposed), and only the GEMMs run in PyTorch.
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,15 @@ def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) 
     for shift in range(1, min(k, length)):
         out[shift:].addcmul_(x[:-shift], w[:, k - 1 - shift])
     return out
+
+
+class _Branch(NamedTuple):
+    """One scan direction's own modules and parameters in ``Mamba``."""
+    conv: nn.Conv1d
+    x_proj: nn.Linear
+    dt_proj: nn.Linear
+    A_log: Tensor
+    D: Tensor
 
 
 class Mamba(nn.Module):
@@ -239,20 +248,18 @@ class Mamba(nn.Module):
         branch is computed in the original token order (an anti-causal conv, a scan from the last step), so
         nothing is flipped or concatenated; only the GEMMs run in PyTorch."""
         d_inner, rank = self.d_inner, self.dt_rank
-        branches = [(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
+        branches = [_Branch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
         if self.bidirectional:
-            branches.append((self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
-        conv_w = torch.cat([conv.weight for conv, *_ in branches])
-        conv_b = torch.cat([conv.bias for conv, *_ in branches]) if self.conv1d.bias is not None else None
+            branches.append(_Branch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
+        conv_w = torch.cat([b.conv.weight for b in branches])
+        conv_b = torch.cat([b.conv.bias for b in branches]) if self.conv1d.bias is not None else None
         xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
         u = run_mixer_conv_silu(xz, conv_w, conv_b)  # (B, L, K d_inner), K branches
-        projections = [linear(u[..., k * d_inner:(k + 1) * d_inner], x_proj.weight)
-                       for k, (_, x_proj, *_) in enumerate(branches)]
-        deltas = [linear(proj[..., :rank], dt_proj.weight)
-                  for proj, (_, _, dt_proj, *_) in zip(projections, branches)]
-        A = -torch.exp(torch.cat([A_log for *_, A_log, _ in branches]))
-        D = torch.cat([D for *_, D in branches])
-        delta_bias = torch.cat([dt_proj.bias for _, _, dt_proj, *_ in branches])
+        projections = [linear(u[..., k * d_inner:(k + 1) * d_inner], b.x_proj.weight) for k, b in enumerate(branches)]
+        deltas = [linear(proj[..., :rank], b.dt_proj.weight) for proj, b in zip(projections, branches)]
+        A = -torch.exp(torch.cat([b.A_log for b in branches]))
+        D = torch.cat([b.D for b in branches])
+        delta_bias = torch.cat([b.dt_proj.bias for b in branches])
         y = run_mixer_scan(u, deltas, projections, xz, A, D, delta_bias, rank,
                            divide=self.bidirectional and self.if_divide_out)
         out = self.out_proj(y)
