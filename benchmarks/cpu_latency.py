@@ -122,6 +122,7 @@ class Target:
     batch: int
     kind: str  # 'time_ratio' (ours / other <= limit) or 'speedup' (other / ours >= limit)
     limit: float
+    asked: bool = True  # False: our own extra check, beyond the issue's list (marked "(extra)", not "NOT met")
 
 
 TARGETS: Tuple[Target, ...] = (
@@ -131,7 +132,7 @@ TARGETS: Tuple[Target, ...] = (
     Target('mambavision_tiny', 'ref:mambavision_tiny', 8, 'speedup', 1.5),
     Target('vmamba_tiny', 'timm:convnext_tiny', 1, 'time_ratio', 1.5),
     Target('vmamba_tiny', 'ref:vmamba_tiny', 1, 'speedup', 5.0),
-    Target('vmamba_tiny', 'ref:vmamba_tiny', 8, 'speedup', 5.0),
+    Target('vmamba_tiny', 'ref:vmamba_tiny', 8, 'speedup', 5.0, asked=False),  # the issue asks 5x at batch 1
     Target('vmamba_tiny', 'timm:swin_tiny_patch4_window7_224', 8, 'time_ratio', 1.2),
     Target('vim_tiny', 'timm:deit_tiny_patch16_224', 1, 'time_ratio', 2.0),
     Target('vim_tiny', 'timm:deit_tiny_patch16_224', 8, 'time_ratio', 2.0),
@@ -628,9 +629,10 @@ def main() -> None:
             met = wall >= t.limit
             what, required = f'{t.ours} speed-up over {other_label}', f'>= {t.limit:g}x'
         target_results.append(dict(ours=t.ours, other=t.other, batch=t.batch, kind=t.kind, limit=t.limit,
-                                   measured=wall, measured_cpu=cpu_ratio, met=met))
+                                   measured=wall, measured_cpu=cpu_ratio, met=met, asked=t.asked))
+        verdict = ('met' if met else 'NOT met') + ('' if t.asked else ' (extra: not in the issue)')
         print(f'| {what} | {t.batch} | {ours_wall * 1e3:.1f} | {other_wall * 1e3:.1f} | {wall:.2f}x | '
-              f'{cpu_ratio:.2f}x | {required} | {"met" if met else "NOT met"} |')
+              f'{cpu_ratio:.2f}x | {required} | {verdict} |')
 
     # The issue's own anchors for the official code (measured elsewhere), brought to this machine by their ratio
     # to convnext_tiny measured there; a second view of the "faster than the official code path" targets
