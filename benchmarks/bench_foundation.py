@@ -8,25 +8,13 @@ MambaVision-T batch-1 latency <= 2x convnext_tiny.
 """
 import argparse
 import platform
-import statistics
-import time
 
 import timm
 import torch
 
 import mambazoo
+from cpu_compile import median_ms  # this folder is on sys.path when the script runs
 from mambazoo.ops import selective_scan_chunked, selective_scan_ref
-
-
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def scan_inputs(batch=2, dim=384, length=3136, n=16, requires_grad=False):
@@ -63,13 +51,13 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         t = scan_inputs()
-        ref = median_time(lambda: run_scan(selective_scan_ref, t, False), max(1, args.repeats // 2))
-        fast = median_time(lambda: run_scan(selective_scan_chunked, t, False), args.repeats)
+        ref = median_ms(lambda: run_scan(selective_scan_ref, t, False), max(1, args.repeats // 2))
+        fast = median_ms(lambda: run_scan(selective_scan_chunked, t, False), args.repeats)
     rows.append(('scan fwd, B2 D384 L3136 N16', 'selective_scan_ref', ref, 'chunked', fast))
     # Autograd through the reference's 3136-step loop takes minutes at the full size: fwd+bwd at L 512.
     t = scan_inputs(length=512, requires_grad=True)
-    ref = median_time(lambda: run_scan(selective_scan_ref, t, True), 1)
-    fast = median_time(lambda: run_scan(selective_scan_chunked, t, True), args.repeats)
+    ref = median_ms(lambda: run_scan(selective_scan_ref, t, True), 1)
+    fast = median_ms(lambda: run_scan(selective_scan_chunked, t, True), args.repeats)
     rows.append(('scan fwd+bwd, B2 D384 L512 N16', 'selective_scan_ref', ref, 'chunked', fast))
     print(f'measured {len(rows)} scan rows', flush=True)
 
@@ -78,14 +66,14 @@ def main() -> None:
     for batch in (1, 8):
         x = torch.randn(batch, 3, 224, 224)
         with torch.no_grad():
-            t_base = median_time(lambda: base(x), args.repeats, warmup=2)
-            t_ours = median_time(lambda: ours(x), args.repeats, warmup=2)
+            t_base = median_ms(lambda: base(x), args.repeats, warmup=2)
+            t_ours = median_ms(lambda: ours(x), args.repeats, warmup=2)
         rows.append((f'latency 224x224 batch {batch}', 'convnext_tiny', t_base, 'mambavision_tiny', t_ours))
 
     print('| measurement | baseline | baseline ms | ours | ours ms | ours / baseline time | speed-up |')
     print('|---|---|---|---|---|---|---|')
     for what, bname, tb, oname, to in rows:
-        print(f'| {what} | {bname} | {tb * 1e3:.1f} | {oname} | {to * 1e3:.1f} | {to / tb:.2f} | {tb / to:.1f}x |')
+        print(f'| {what} | {bname} | {tb:.1f} | {oname} | {to:.1f} | {to / tb:.2f} | {tb / to:.1f}x |')
 
 
 if __name__ == '__main__':
