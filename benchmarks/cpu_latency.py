@@ -9,9 +9,9 @@ One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on 
 * stand-ins for the official code paths: our mambavision_tiny, vmamba_tiny and vim_tiny with the reference scan
   (``set_scan_backend('ref')``: two (batch, dim, L, N) tensors, one step at a time, as mamba_ssm's reference), for
   VMamba also the reference cross scan / merge (gather and scatter-add, ``cross_scan_ref`` / ``cross_merge_ref``,
-  patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan`` uses), for those rows only,
-  and the linear layers on ``F.linear`` (MAMBAZOO_ONEDNN_LINEAR=0), as the official code runs them. The
-  reference outputs are checked against the fast ones at batch 1.
+  patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan``
+  uses), for those rows only, and the linear layers on ``F.linear`` (MAMBAZOO_ONEDNN_LINEAR=0), as the official
+  code runs them. The reference outputs are checked against the fast ones at batch 1.
 
 Our rows' linear layers run on oneDNN (``ops/linear.py``; on AMD processors MKL's sgemm, what ``F.linear`` and
 so timm's models use, runs AVX2 code): ``MAMBAZOO_ONEDNN_LINEAR=0`` in the environment measures ours on
@@ -28,8 +28,9 @@ after a warm-up pass and ``malloc_trim``. "Scan workspace": what one call of the
 its output, computed from the sizes (``scan_workspace_bytes``) at the model's largest scan of the batch-8 pass
 (recorded while it runs; for Vim and the hybrid the Mamba mixer's compiled scan, ``run_mixer_scan``, which takes
 both directions' channels in one call), beside the size of one materialised (batch, dim, L, N) float32 state
-tensor, which the fast scan never makes (the reference makes two). ``mambazoo.tune_cpu_allocator()`` is applied first (in the
-memory subprocesses too), when the package has it: every model, timm's included, profits from it alike.
+tensor, which the fast scan never makes (the reference makes two). ``mambazoo.tune_cpu_allocator()`` is applied
+first (in the memory subprocesses too), when the package has it: every model, timm's included, profits from it
+alike.
 Then the issue's targets, each marked met / NOT met, and a second view of the "faster than the official code"
 targets: the issue's own latencies of the official code (measured on another machine) brought to this one by
 their ratio to convnext_tiny there and here. The stand-in rows run our non-scan code, faster than the official
@@ -651,8 +652,8 @@ def main() -> None:
             ours_wall = latency[a.batch][a.ours][0]
             anchor_results.append(dict(ours=a.ours, batch=a.batch, scaled_ms=scaled * 1e3,
                                        speedup=scaled / ours_wall, required=a.required))
-            print(f'| {a.label} | {a.batch} | {a.seconds * 1e3:.0f} | {a.convnext_seconds * 1e3:.0f} | {scaled * 1e3:.1f} | '
-                  f'{ours_wall * 1e3:.1f} | {scaled / ours_wall:.2f}x | '
+            print(f'| {a.label} | {a.batch} | {a.seconds * 1e3:.0f} | {a.convnext_seconds * 1e3:.0f} | '
+                  f'{scaled * 1e3:.1f} | {ours_wall * 1e3:.1f} | {scaled / ours_wall:.2f}x | '
                   f'{f">= {a.required:g}x" if a.required else "-"} |')
 
     elapsed = time.perf_counter() - start

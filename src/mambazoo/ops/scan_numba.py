@@ -18,9 +18,10 @@ SiLU and its gated scan, batch-major as in_proj writes them, Vim's backward bran
 conv, a scan from the last step) and summed with the forward one in the same pass.
 
 Calls of some size split their channels (the cross scan: its batch elements, or its four directions for a
-single image) between PyTorch's own OpenMP threads (see "threads" below), so the kernels use the cores PyTorch was told to use and no second thread pool
-competes with PyTorch's. Float32 only; the callers (``scan_chunked``) use the pure-PyTorch path for float64
-and for layouts this kernel does not take (fixed B/C, different group counts for B and C).
+single image) between PyTorch's own OpenMP threads (see "threads" below), so the kernels use the cores PyTorch
+was told to use and no second thread pool competes with PyTorch's. Float32 only; the callers (``scan_chunked``,
+``cross_scan``, ``models/_blocks``) keep the pure-PyTorch path for float64 and for layouts these kernels do not
+take (fixed B/C, different group counts for B and C).
 """
 import ctypes
 import functools
