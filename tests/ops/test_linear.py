@@ -1,4 +1,5 @@
-"""``ops.linear``: F.linear through oneDNN for float32 CPU inference, the plain op everywhere else.
+"""``ops.linear``: F.linear through oneDNN for float32 CPU inference where the machine's measurement (or the
+policy) says so, the plain op everywhere else; ``mambazoo.optimize_for_cpu`` routing a model's nn.Linear layers.
 
 Every comparison is against F.linear in float64 on the same inputs, and every test that means the oneDNN road
 checks that it was taken (``onednn_calls``): a silent fallback would otherwise pass unnoticed.
@@ -14,7 +15,8 @@ from torch import nn
 
 import mambazoo
 from mambazoo.ops import linear as linear_module
-from mambazoo.ops.linear import Linear, linear, onednn_linear_applies, use_onednn_linear
+from mambazoo.ops import scan_policy
+from mambazoo.ops.linear import cpu_linear_route, linear, onednn_linear_applies
 
 needs_onednn = pytest.mark.skipif(linear_module._onednn_linear_op() is None,
                                   reason='no oneDNN linear op here (not x86, or PyTorch without mkldnn)')
@@ -22,7 +24,9 @@ needs_onednn = pytest.mark.skipif(linear_module._onednn_linear_op() is None,
 
 @pytest.fixture
 def onednn_calls(monkeypatch):
-    """A list that grows by one at each oneDNN linear call."""
+    """A list that grows by one at each oneDNN linear call; the policy's route forced to oneDNN."""
+    monkeypatch.setattr(mambazoo.ops.policy, '_policy', mambazoo.ops.policy.get_scan_policy())
+    mambazoo.ops.set_scan_policy(cpu_linear='onednn')
     calls = []
     real = linear_module._onednn_linear_op()
 
@@ -72,7 +76,7 @@ def test_onednn_linear_matches_float64(shape, out_features, bias, view, onednn_c
 def test_gelu_applied_by_the_gemm(path, onednn_calls, monkeypatch):
     """``gelu=True`` is the exact (erf) GELU of the output, on both roads."""
     if path == 'f_linear':
-        monkeypatch.setenv('MAMBAZOO_ONEDNN_LINEAR', '0')
+        mambazoo.ops.set_scan_policy(cpu_linear='aten')  # restored by onednn_calls
     elif linear_module._onednn_linear_op() is None:
         pytest.skip('no oneDNN linear op here')
     gen = torch.Generator().manual_seed(3)
@@ -90,7 +94,7 @@ def test_gelu_applied_by_the_gemm(path, onednn_calls, monkeypatch):
 @needs_onednn
 def test_gradients_take_f_linear(onednn_calls):
     x = torch.randn(4, 6, requires_grad=True)
-    layer = Linear(6, 3)
+    layer = mambazoo.optimize_for_cpu(nn.Linear(6, 3))
     y = layer(x)
     y.sum().backward()
     assert not onednn_calls and x.grad is not None and layer.weight.grad is not None
@@ -112,7 +116,7 @@ def test_other_calls_take_f_linear(case, onednn_calls, monkeypatch):
         x = x.bfloat16()
         weight, bias = weight.bfloat16(), bias.bfloat16()
     elif case == 'disabled':
-        monkeypatch.setenv('MAMBAZOO_ONEDNN_LINEAR', '0')
+        mambazoo.ops.set_scan_policy(cpu_linear='aten')  # restored by onednn_calls
     elif case == 'one_dim':
         x = x[0]
     elif case == 'meta':
@@ -136,10 +140,35 @@ def test_other_calls_take_f_linear(case, onednn_calls, monkeypatch):
 
 def test_applies_only_where_documented():
     x, w = torch.randn(2, 4), torch.randn(3, 4)
-    with torch.no_grad():
+    with torch.no_grad(), scan_policy(cpu_linear='onednn'):
         assert onednn_linear_applies(x, w, None) == (linear_module._onednn_linear_op() is not None)
         assert not onednn_linear_applies(x, w, torch.randn(3, dtype=torch.float64))
+    with torch.no_grad(), scan_policy(cpu_linear='aten'):
+        assert not onednn_linear_applies(x, w, None)
     assert not onednn_linear_applies(x, w.requires_grad_(), None)
+
+
+@needs_onednn
+@pytest.mark.parametrize('onednn_ms,aten_ms,route', [(1.0, 2.0, 'onednn'), (2.0, 1.0, 'aten'), (1.0, 1.05, 'aten')])
+def test_auto_route_takes_the_measured_faster_gemm(onednn_ms, aten_ms, route, monkeypatch):
+    """'auto' measures both GEMMs once and keeps oneDNN only when it is clearly (10%) faster: the AMD case (MKL's
+    AVX2 code) and the Intel case (MKL as fast or faster) both covered, with the timings stubbed."""
+    timings = iter([aten_ms, onednn_ms])
+    monkeypatch.setattr(linear_module, '_median_seconds', lambda fn, repeats=7: (fn(), next(timings))[1])
+    linear_module._measured_route.cache_clear()
+    try:
+        with scan_policy(cpu_linear='auto'):
+            assert cpu_linear_route() == route
+            assert cpu_linear_route() == route  # measured once: a second call reads the cache
+    finally:
+        linear_module._measured_route.cache_clear()
+    with scan_policy(cpu_linear='aten'):
+        assert cpu_linear_route() == 'aten'
+
+
+def test_auto_route_is_one_of_the_two():
+    with scan_policy(cpu_linear='auto'):
+        assert cpu_linear_route() in ('onednn', 'aten')
 
 
 class _OwnForward(nn.Linear):
@@ -147,35 +176,42 @@ class _OwnForward(nn.Linear):
         return super().forward(x) * 2
 
 
-def test_use_onednn_linear_swaps_plain_linears_only():
+def test_optimize_for_cpu_keeps_types_state_and_undoes():
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), _OwnForward(8, 8), nn.Sequential(nn.Linear(8, 2)))
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     weight = model[0].weight
-    assert use_onednn_linear(model) is model
-    assert type(model[0]) is Linear and type(model[3][0]) is Linear and type(model[2]) is _OwnForward
-    assert isinstance(model[0], nn.Linear) and model[0].weight is weight  # the same module, the same parameters
-    assert list(model.state_dict()) == list(keys)
     x = torch.randn(5, 4)
     with torch.no_grad():
+        plain = model(x)
+    assert mambazoo.optimize_for_cpu(model) is model
+    assert type(model[0]) is nn.Linear and type(model[3][0]) is nn.Linear and type(model[2]) is _OwnForward
+    assert 'forward' in model[0].__dict__ and 'forward' not in model[2].__dict__
+    assert model[0].weight is weight and list(model.state_dict()) == list(keys)
+    with torch.no_grad():
         y = model(x)
+        torch.testing.assert_close(y, plain, rtol=1e-6, atol=1e-6)
         for m in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-            assert type(m[0]) is Linear
             torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+            assert m[0].forward.args[0] is m[0]  # the copy's forward runs the copy's weights
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    assert type(torch.load(buffer, weights_only=False)[0]) is Linear
+    assert type(torch.load(buffer, weights_only=False)[0]) is nn.Linear
+    mambazoo.optimize_for_cpu(model, enable=False)
+    assert 'forward' not in model[0].__dict__
 
 
 @needs_onednn
 @pytest.mark.parametrize('name', ['mambavision_tiny', 'vmamba_tiny', 'vim_tiny', 'mambaout_femto', 'hybrid_tiny'])
-def test_models_run_their_linears_on_onednn(name, onednn_calls):
-    """Every family's linear layers (timm's Mlp and Attention inside ours too) take the oneDNN road in float32
-    CPU inference; the classifier agrees with the plain op (the model-level agreement: the golden tests)."""
-    model = mambazoo.create_model(name, num_classes=7)
-    plain = [m for m in model.modules() if type(m) is nn.Linear]
-    assert not plain, f'{name}: {len(plain)} nn.Linear modules not swapped'
-    assert any(isinstance(m, Linear) for m in model.modules())
+def test_models_build_plain_linears_and_optimize_for_cpu_routes_them(name, onednn_calls):
+    """Models build plain nn.Linear modules (quantization and timm's tools dispatch on the type);
+    optimize_for_cpu routes every one of them (timm's Mlp and Attention inside ours too) through ops.linear."""
+    model = mambazoo.create_model(name, num_classes=7).eval()
+    assert not any(type(m).__module__ == 'mambazoo.ops.linear' for m in model.modules())
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        model.eval()(torch.randn(1, 3, 64, 64))
+        plain = model(x)
+        mambazoo.optimize_for_cpu(model)
+        routed = model(x)
     assert onednn_calls, f'{name}: no linear call went to oneDNN'
+    torch.testing.assert_close(routed, plain, rtol=1e-4, atol=1e-4)

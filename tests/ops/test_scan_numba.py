@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mambazoo.ops import scan_chunked, scan_numba, selective_scan, selective_scan_chunked, selective_scan_ref
 from test_selective_scan import assert_rel_close, cast, make_inputs
 
-pytestmark = pytest.mark.skipif(not scan_numba.numba_available(), reason='numba is not installed')
+pytestmark = pytest.mark.skipif(not scan_numba.numba_importable(), reason='numba is not installed')
 
 
 def count_calls(monkeypatch, module, name):
@@ -34,7 +34,7 @@ def count_calls(monkeypatch, module, name):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """A list that grows by one at each run of the compiled kernel."""
-    return count_calls(monkeypatch, scan_chunked, 'run_scan_kernel')
+    return count_calls(monkeypatch, scan_numba, 'run_scan_kernel')
 
 
 def time_major(x):
@@ -66,7 +66,7 @@ def test_compiled_kernel_matches_reference(batch, dim, length, n_state, form, op
     if layout == 'time_major':
         inputs = {k: time_major(v) if k in ('u', 'delta', 'z') else v for k, v in inputs.items()}
     with torch.no_grad():
-        y, last = selective_scan_chunked(**inputs, delta_softplus=softplus, return_last_state=True)
+        y, last = selective_scan(**inputs, delta_softplus=softplus, return_last_state=True)
     assert kernel_calls, 'the compiled kernel did not run'
     y_ref, last_ref = reference(inputs, delta_softplus=softplus, return_last_state=True)
     assert y.dtype == torch.float32 and y.shape == y_ref.shape and last.shape == last_ref.shape
@@ -77,14 +77,14 @@ def test_compiled_kernel_matches_reference(batch, dim, length, n_state, form, op
 
 
 @pytest.mark.parametrize('threads', ['1', '2', '3'])
-def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypatch):
+def test_thread_count_does_not_change_the_result(threads, kernel_calls, monkeypatch, set_policy):
     """MAMBAZOO_SCAN_THREADS forces the channel split (small calls otherwise run on one thread)."""
     inputs = cast(make_inputs(2, 72, 40, 4, seed=3), torch.float32)
     with torch.no_grad():
-        monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
-        y = selective_scan_chunked(**inputs, delta_softplus=True)
-        monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', '1')
-        y1 = selective_scan_chunked(**inputs, delta_softplus=True)
+        set_policy(scan_threads=int(threads))
+        y = selective_scan(**inputs, delta_softplus=True)
+        set_policy(scan_threads=1)
+        y1 = selective_scan(**inputs, delta_softplus=True)
     assert len(kernel_calls) == 2
     assert torch.equal(y, y1)  # each channel is computed the same way whichever thread runs it
     assert_rel_close(y, reference(inputs, delta_softplus=True), 2e-6)
@@ -111,7 +111,7 @@ def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
     monkeypatch.setattr(scan_numba, 'MIN_PARALLEL_WORK', 1)
     if name == 'scan':
         inputs = cast(make_inputs(2, 72, 40, 4, seed=12), torch.float32)
-        run = lambda: selective_scan_chunked(**inputs, delta_softplus=True)  # noqa: E731
+        run = lambda: selective_scan(**inputs, delta_softplus=True)  # noqa: E731
     elif name.startswith('cross'):
         inputs = _cross_inputs(1 if name == 'cross_one_image' else 2, 5, 4, 48, 4, 2, seed=13)
         run = lambda: cross_selective_scan(**inputs, delta_softplus=True)  # noqa: E731
@@ -151,7 +151,7 @@ def test_launch_refuses_arrays_the_task_would_misread(threads):
 def test_half_precision_inputs_accumulate_in_float32(kernel_calls):
     inputs = cast(make_inputs(2, 32, 60, 8, seed=5), torch.float16)
     with torch.no_grad():
-        y = selective_scan_chunked(**inputs, delta_softplus=True)
+        y = selective_scan(**inputs, delta_softplus=True)
     assert kernel_calls and y.dtype == torch.float16
     assert_rel_close(y, reference(inputs, delta_softplus=True), 5e-3)
 
@@ -161,7 +161,7 @@ def test_extreme_steps(kernel_calls):
     inputs = cast(make_inputs(1, 16, 120, 4, seed=7, A_range=(-50.0, -0.01)), torch.float32)
     inputs['delta'] = inputs['delta'] * 60  # pre-activations from about -90 to 90
     with torch.no_grad():
-        y = selective_scan_chunked(**inputs, delta_softplus=True)
+        y = selective_scan(**inputs, delta_softplus=True)
     assert kernel_calls
     assert_rel_close(y, reference(inputs, delta_softplus=True), 1e-5)
 
@@ -171,7 +171,7 @@ def test_nan_propagates_like_the_reference(name, kernel_calls):
     inputs = cast(make_inputs(1, 16, 20, 4, seed=8), torch.float32)
     inputs[name][0, 3, 5] = math.nan
     with torch.no_grad():
-        y = selective_scan_chunked(**inputs, delta_softplus=True)
+        y = selective_scan(**inputs, delta_softplus=True)
     assert kernel_calls
     expected = reference(inputs, delta_softplus=True)
     assert expected.isnan().any()
@@ -179,7 +179,7 @@ def test_nan_propagates_like_the_reference(name, kernel_calls):
 
 
 @pytest.mark.parametrize('case', ['float64', 'fixed_B', 'mixed_groups', 'grad', 'disabled'])
-def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch):
+def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch, set_policy):
     """What the kernel does not take (float64, a fixed B, B and C with different group counts, autograd, or
     MAMBAZOO_NUMBA=0) runs the pure-PyTorch path, with the same results."""
     options = {'fixed_B': dict(b_form='fixed'), 'mixed_groups': dict(b_form=2, c_form='var')}.get(case, {})
@@ -187,13 +187,13 @@ def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch):
     if case != 'float64':
         inputs = cast(inputs, torch.float32)
     if case == 'disabled':
-        monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
+        set_policy(compiled_cpu=False)
     if case == 'grad':
         inputs['u'].requires_grad_()
-        y = selective_scan_chunked(**inputs, delta_softplus=True)
+        y = selective_scan(**inputs, delta_softplus=True)
     else:
         with torch.no_grad():
-            y = selective_scan_chunked(**inputs, delta_softplus=True)
+            y = selective_scan(**inputs, delta_softplus=True)
     assert not kernel_calls
     assert_rel_close(y, reference(inputs, delta_softplus=True), 1e-10 if case == 'float64' else 1e-5)
 
@@ -205,13 +205,13 @@ def test_dispatcher_auto_runs_the_kernel_on_cpu(kernel_calls):
     assert kernel_calls
 
 
-def test_kernel_agrees_with_the_pytorch_path(monkeypatch):
+def test_kernel_agrees_with_the_pytorch_path(monkeypatch, set_policy):
     """The two float32 inference paths of the chunked backend, on a model-sized scan."""
     inputs = cast(make_inputs(2, 96, 160, 16, seed=11), torch.float32)
     with torch.no_grad():
-        y_kernel, last_kernel = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True)
-        monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
-        y_torch, last_torch = selective_scan_chunked(**inputs, delta_softplus=True, return_last_state=True)
+        y_kernel, last_kernel = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+        set_policy(compiled_cpu=False)
+        y_torch, last_torch = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
     assert_rel_close(y_kernel, y_torch, 2e-6)
     assert_rel_close(last_kernel, last_torch, 2e-6, 'last state')
 
@@ -271,9 +271,9 @@ def cross_kernel_calls(monkeypatch):
 
 @pytest.mark.parametrize('threads', ['1', '2'])
 @pytest.mark.parametrize('shape', [(1, 6, 9, 32, 3, 1), (2, 5, 4, 48, 4, 4), (1, 1, 7, 16, 2, 2), (3, 3, 3, 20, 2, 1)])
-def test_cross_kernel_matches_reference(shape, threads, cross_kernel_calls, monkeypatch):
+def test_cross_kernel_matches_reference(shape, threads, cross_kernel_calls, monkeypatch, set_policy):
     from mambazoo.ops import cross_selective_scan
-    monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
+    set_policy(scan_threads=int(threads))
     inputs = _cross_inputs(*shape, seed=sum(shape))
     with torch.no_grad():
         y = cross_selective_scan(**inputs, delta_softplus=True)
@@ -459,8 +459,8 @@ def _mixer_scan_reference(inputs, divide):
     (2, 50, 48, 1, 1, False),  # one direction (the hybrid's mixer), N = 1
     (1, 20, 24, 5, 1, True),  # divide means nothing with one branch
 ])
-def test_mixer_scan_kernel_matches_reference(batch, length, d, n_state, branches, divide, threads, monkeypatch):
-    monkeypatch.setenv('MAMBAZOO_SCAN_THREADS', threads)
+def test_mixer_scan_kernel_matches_reference(batch, length, d, n_state, branches, divide, threads, monkeypatch, set_policy):
+    set_policy(scan_threads=int(threads))
     inputs = _mixer_inputs(batch, length, d, n_state, branches, seed=length + d)
     got = scan_numba.run_mixer_scan(**inputs, divide=divide)
     assert got.shape == (batch, length, d) and got.dtype == torch.float32

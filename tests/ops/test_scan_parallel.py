@@ -181,8 +181,9 @@ def test_parallel_is_a_registered_backend():
                      selective_scan_ref(**x, delta_softplus=True), 1e-10)
 
 
-def test_auto_runs_chunked_in_eager_mode_and_parallel_while_tracing(auto_backend_spied):
+def test_auto_runs_chunked_in_eager_mode_and_parallel_while_tracing(auto_backend_spied, set_policy):
     args = scan_args(16)
+    set_policy(compiled_cpu=False)  # float32 inference would run the compiled loop (see test_policy.py)
     ScanModule()(*args)
     assert auto_backend_spied == ['chunked']
     auto_backend_spied.clear()

@@ -270,6 +270,7 @@ def test_dispatcher_default_is_chunked(small_inputs, restore_backend, monkeypatc
     if 'MAMBAZOO_SCAN' not in os.environ:
         assert get_scan_backend() == 'auto'
     set_scan_backend('auto')
+    small_inputs['u'].requires_grad_()  # float32 inference would take the compiled loop (test_policy.py)
     y = selective_scan(**small_inputs, delta_softplus=True)
     assert calls == ['chunked']
     assert torch.equal(y, selective_scan_chunked(**small_inputs, delta_softplus=True))

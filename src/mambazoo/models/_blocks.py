@@ -5,63 +5,22 @@ modified by Vim (hustvl/Vim ``mamba-1p1p1``): ``bimamba_type='v2'`` adds a backw
 x_proj, dt_proj, A and D (the ``*_b`` keys) that reads the sequence in reverse. Only the official fused CUDA path
 computes that backward branch (its fallback path silently drops it); this module always does.
 
-Layout. Tokens come in and go out as (B, L, d_model). Inside, activations are time-major, (L, B, channels):
-that is the layout the selective scan walks (one time step = one contiguous slab), so the scan's inputs need no
-transposing copy, and the flip of the backward branch is a flip of the leading dimension. Both directions run
-through ONE ``selective_scan`` call: the backward branch's channels are stacked after the forward ones (2 * d_inner
-channels, A/D/delta_bias concatenated, B and C as two channel groups), which halves the per-step work of the scan's
-time loop, the part that dominates on a CPU.
-
-Float32 inference on a CPU (with the 'chunked' scan backend, the default there) takes another road,
-``_forward_compiled``: two numba-compiled loops (``ops.scan_numba``) read in_proj's batch-major output in place,
-the conv + SiLU of both branches and the scan of both directions (the backward one from the last step to the
-first, so nothing is flipped, concatenated or transposed), and only the GEMMs run in PyTorch.
+The forward is the official fused path's computation split around its GEMMs: in_proj, then the ops
+``mamba_inner_conv`` (conv1d + SiLU of both branches; the backward branch's conv is anti-causal in the original
+token order) and, between them, x_proj and dt_proj as module calls, ``mamba_inner_scan`` (the gated scan of both
+directions, the backward one from the last step), then out_proj. Which implementation the ops run (compiled CPU
+loops, pure PyTorch, Triton, the loop-free export scan) is theirs to decide (``ops.policy``).
 """
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import selective_scan
-from ..ops.linear import linear
-from ..ops.selective_scan import resolve_scan_backend
-from ..ops.scan_numba import compiled_inference_applies, run_mixer_conv_silu, run_mixer_scan
+from ..ops.mamba_inner import mamba_inner_conv, mamba_inner_scan
 
-__all__ = ['Mamba', 'causal_conv1d_time_major']
-
-
-def causal_conv1d_time_major(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Depthwise causal conv1d (zero left padding of k - 1 steps) on time-major input.
-
-    Args:
-        x: (L, B, C).
-        weight: (C, 1, k), as stored by ``nn.Conv1d(C, C, k, groups=C)``.
-        bias: (C,) or None.
-    Returns:
-        (L, B, C): out[t] = bias + sum_j weight[:, 0, j] * x[t - (k - 1) + j].
-
-    Equal to ``F.conv1d(x.permute(1, 2, 0), weight, bias, padding=k - 1, groups=C)[..., :L]`` but without the
-    two layout copies that conv1d needs here; k shifted multiply-adds over contiguous time slabs.
-    """
-    length, k = x.shape[0], weight.shape[-1]
-    w = weight.view(weight.shape[0], k).to(x.dtype)
-    out = x * w[:, k - 1]
-    if bias is not None:
-        out.add_(bias.to(x.dtype))
-    for shift in range(1, min(k, length)):
-        out[shift:].addcmul_(x[:-shift], w[:, k - 1 - shift])
-    return out
-
-
-class _Branch(NamedTuple):
-    """One scan direction's own modules and parameters in ``Mamba``."""
-    conv: nn.Conv1d
-    x_proj: nn.Linear
-    dt_proj: nn.Linear
-    A_log: Tensor
-    D: Tensor
+__all__ = ['Mamba']
 
 
 class Mamba(nn.Module):
@@ -177,91 +136,25 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.d_model:
-            raise ValueError(f'Mamba expects (B, L, {self.d_model}) tokens, got {tuple(hidden_states.shape)}')
-        if self._compiled_path_applies(hidden_states):
-            return self._forward_compiled(hidden_states)
-        d_inner, rank, n = self.d_inner, self.dt_rank, self.d_state
-        xz = self.in_proj(hidden_states).transpose(0, 1)  # (L, B, 2 * d_inner), a view
-        x, z = xz[..., :d_inner], xz[..., d_inner:]
+        d_inner, rank = self.d_inner, self.dt_rank
+        xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
         if self.bidirectional:
-            # Channels [0, d_inner) read the sequence forwards, [d_inner, 2 d_inner) backwards (time flipped).
-            # The concatenations also make the time-major layout contiguous, in the same copy.
-            x = torch.cat((x, x.flip(0)), dim=-1)
-            z = torch.cat((z, z.flip(0)), dim=-1)
-            del xz  # only the copies are used from here on: free it before the scan's buffers are allocated
-            conv_w = torch.cat((self.conv1d.weight, self.conv1d_b.weight))
-            conv_b = (torch.cat((self.conv1d.bias, self.conv1d_b.bias))
-                      if self.conv1d.bias is not None else None)
-        else:
-            x = x.contiguous()
-            conv_w, conv_b = self.conv1d.weight, self.conv1d.bias
-        u = F.silu(causal_conv1d_time_major(x, conv_w, conv_b))  # (L, B, C), C = d_inner or 2 d_inner
-        del x
-
-        if self.bidirectional:
-            x_dbl = linear(u[..., :d_inner], self.x_proj.weight)  # (L, B, rank + 2N)
-            x_dbl_b = linear(u[..., d_inner:], self.x_proj_b.weight)
-            # dt_proj's bias is applied inside the scan (delta_bias), in float32, as the official kernel does.
-            delta = torch.cat((linear(x_dbl[..., :rank], self.dt_proj.weight),
-                               linear(x_dbl_b[..., :rank], self.dt_proj_b.weight)), dim=-1)
-            # B and C: (L, B, 2 groups, N), passed to the scan as (B, G, N, L) views.
-            B = torch.stack((x_dbl[..., rank:rank + n], x_dbl_b[..., rank:rank + n]), dim=2).permute(1, 2, 3, 0)
-            C = torch.stack((x_dbl[..., rank + n:], x_dbl_b[..., rank + n:]), dim=2).permute(1, 2, 3, 0)
+            conv_weight = torch.cat((self.conv1d.weight, self.conv1d_b.weight))
+            conv_bias = torch.cat((self.conv1d.bias, self.conv1d_b.bias)) if self.conv1d.bias is not None else None
             A = -torch.exp(torch.cat((self.A_log, self.A_b_log)).float())
             D = torch.cat((self.D, self.D_b)).float()
-            delta_bias = torch.cat((self.dt_proj.bias, self.dt_proj_b.bias)).float()
         else:
-            x_dbl = self.x_proj(u)
-            delta = linear(x_dbl[..., :rank], self.dt_proj.weight)
-            B = x_dbl[..., rank:rank + n].permute(1, 2, 0)  # (B, N, L) view
-            C = x_dbl[..., rank + n:].permute(1, 2, 0)
-            A = -torch.exp(self.A_log.float())
-            D = self.D.float()
-            delta_bias = self.dt_proj.bias.float()
-
-        y = selective_scan(u.permute(1, 2, 0), delta.permute(1, 2, 0), A, B, C, D, z=z.permute(1, 2, 0),
-                           delta_bias=delta_bias, delta_softplus=True)
-        y = y.permute(2, 0, 1)  # back to (L, B, C), a view
+            conv_weight, conv_bias = self.conv1d.weight, self.conv1d.bias
+            A, D = -torch.exp(self.A_log.float()), self.D.float()
+        u = mamba_inner_conv(xz, conv_weight, conv_bias)  # (B, L, K d_inner), K branches
+        # dt_proj applies its bias in its GEMM (the official kernel adds it inside the scan, in float32: the same
+        # sum in float32 models); module calls keep the projections visible to hooks and quantization.
+        projections = [self.x_proj(u[..., :d_inner])]
+        deltas = [self.dt_proj(projections[0][..., :rank])]
         if self.bidirectional:
-            y = y[..., :d_inner] + y[..., d_inner:].flip(0)
-            if self.if_divide_out:
-                y = y * 0.5
-        out = self.out_proj(y).transpose(0, 1)  # (B, L, d_model)
-        if self.init_layer_scale is not None:
-            out = out * self.gamma
-        return out
-
-    def _compiled_path_applies(self, hidden_states: Tensor) -> bool:
-        """Float32 inference on a CPU with the scan backend on 'chunked' (explicitly or by 'auto'), whose CPU
-        inference the compiled kernels are: another backend chosen (the reference, a FLOP counter) is obeyed.
-        Not under autocast, whose GEMMs would hand the kernels bfloat16 activations."""
-        params = list(self.parameters())
-        return (hidden_states.dtype == torch.float32 and all(p.dtype == torch.float32 for p in params)
-                and compiled_inference_applies(hidden_states, *params)  # on a CPU, among others
-                and not torch.is_autocast_enabled('cpu')
-                and resolve_scan_backend(hidden_states) == 'chunked')
-
-    def _forward_compiled(self, hidden_states: Tensor) -> Tensor:
-        """``forward`` for float32 inference on a CPU: the conv + SiLU and the scan (both directions in one pass)
-        are compiled loops (``ops.scan_numba``) that read in_proj's batch-major output in place. The backward
-        branch is computed in the original token order (an anti-causal conv, a scan from the last step), so
-        nothing is flipped or concatenated; only the GEMMs run in PyTorch."""
-        d_inner, rank = self.d_inner, self.dt_rank
-        branches = [_Branch(self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)]
-        if self.bidirectional:
-            branches.append(_Branch(self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
-        conv_w = torch.cat([b.conv.weight for b in branches])
-        conv_b = torch.cat([b.conv.bias for b in branches]) if self.conv1d.bias is not None else None
-        xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
-        u = run_mixer_conv_silu(xz, conv_w, conv_b)  # (B, L, K d_inner), K branches
-        projections = [linear(u[..., k * d_inner:(k + 1) * d_inner], b.x_proj.weight) for k, b in enumerate(branches)]
-        deltas = [linear(proj[..., :rank], b.dt_proj.weight) for proj, b in zip(projections, branches)]
-        A = -torch.exp(torch.cat([b.A_log for b in branches]))
-        D = torch.cat([b.D for b in branches])
-        delta_bias = torch.cat([b.dt_proj.bias for b in branches])
-        y = run_mixer_scan(u, deltas, projections, xz, A, D, delta_bias, rank,
-                           divide=self.bidirectional and self.if_divide_out)
+            projections.append(self.x_proj_b(u[..., d_inner:]))
+            deltas.append(self.dt_proj_b(projections[1][..., :rank]))
+        y = mamba_inner_scan(u, deltas, projections, xz, A, D, None, rank, self.bidirectional and self.if_divide_out)
         out = self.out_proj(y)
         if self.init_layer_scale is not None:
             out = out * self.gamma

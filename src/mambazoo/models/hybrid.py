@@ -26,7 +26,6 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_e
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
-from ..ops.linear import use_onednn_linear
 from ._blocks import Mamba
 from ._builder import build_model, register_model
 
@@ -138,7 +137,6 @@ class MambaHybrid(nn.Module):
         reduction = self.patch_embed.patch_size[0]
         self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f'blocks.{i}') for i in range(depth)]
         self._init_weights()
-        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
 
     def _init_weights(self) -> None:
         """ViT-style (trunc-normal 0.02 Linear weights, zero biases), except inside the Mamba mixers, which keep

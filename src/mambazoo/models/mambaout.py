@@ -30,7 +30,6 @@ from timm.layers import DropPath, LayerNorm, LayerScale, calculate_drop_path_rat
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..ops.linear import use_onednn_linear
 from ._builder import build_model, register_model
 
 __all__ = [
@@ -386,7 +385,6 @@ class MambaOut(nn.Module):
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i in range(len(depths))]
         self.apply(self._init_weights)
-        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
 
     @staticmethod
     def _downsample_layers(

@@ -22,7 +22,6 @@ from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
 from ..ops import selective_scan
-from ..ops.linear import use_onednn_linear
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['MambaVision', 'MambaVisionMixer']
@@ -339,7 +338,6 @@ class MambaVision(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

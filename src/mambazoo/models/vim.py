@@ -33,7 +33,6 @@ from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
-from ..ops.linear import use_onednn_linear
 from ._blocks import Mamba
 from ._builder import build_model, register_alias, register_model
 
@@ -318,7 +317,6 @@ class VisionMamba(nn.Module):
         self.feature_info = [dict(num_chs=embed_dim, reduction=self.patch_embed.stride, module=f'layers.{i}')
                              for i in range(depth)]
         self._init_weights(depth, **(initializer_cfg or {}))
-        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
 

@@ -31,7 +31,7 @@ from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import FeatureInfo, feature_take_indices
 
 from ..ops import cross_selective_scan
-from ..ops.linear import linear, use_onednn_linear
+from ..ops.linear import linear
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
@@ -456,7 +456,6 @@ class VSSM(nn.Module):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         if use_checkpoint:
             self.set_grad_checkpointing(True)
-        use_onednn_linear(self)  # float32 CPU inference GEMMs through oneDNN (ops/linear.py)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -27,9 +27,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .scan_numba import compiled_inference_applies, run_cross_scan_kernel
+from .policy import choose_implementation
+from .scan_numba import run_cross_scan_kernel
 from .scan_triton import cross_selective_scan_triton
-from .selective_scan import resolve_scan_backend, selective_scan
+from .selective_scan import fx_leaf_call, selective_scan
 
 __all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref',
            'cross_scan_time_major', 'cross_merge_time_major', 'cross_selective_scan']
@@ -185,7 +186,7 @@ def _positions(height: int, width: int) -> Tensor:
 
 def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                          D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-                         delta_softplus: bool = False, *, backend: Optional[str] = None) -> Tensor:
+                         delta_softplus: bool = False, backend: Optional[str] = None) -> Tensor:
     """Scan the four traversals of a map and merge them: VMamba's SS2D core, from per-token (row-major) inputs.
 
     Args:
@@ -195,7 +196,7 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
         dt_weight: (4, d, R).
         A: (4 * d, N); D, delta_bias: (4 * d,), direction-major, as VMamba stores them.
         B, C: (batch, H, W, 4, N) per token and direction.
-        backend: as ``selective_scan``'s. With the Triton backend the traversals are read in place by one fused
+        backend: as ``selective_scan``'s (``ops.policy.choose_implementation`` decides). With the Triton backend the traversals are read in place by one fused
             kernel (``cross_selective_scan_triton``); so they are for float32 inference on a CPU, by numba's
             compiled loop (``scan_numba.run_cross_scan_kernel``); otherwise (autograd, float64, torch.compile)
             they are copied time-major (``cross_scan_time_major``) and the small per-token inputs are traversed
@@ -203,14 +204,40 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
     Returns:
         (batch, H, W, d): each direction's output put back on the grid, the four summed.
     """
+    if torch.jit.is_scripting():
+        return torch.ops.mambazoo.cross_selective_scan(x, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus,
+                                                       backend)
+    args = (x, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, backend)
+    traced = fx_leaf_call(cross_selective_scan, args, {})
+    if traced is not None:
+        return traced
+    return _cross_selective_scan(*args)
+
+
+@torch.library.custom_op('mambazoo::cross_selective_scan', mutates_args=())
+def _cross_selective_scan_op(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                             backend: Optional[str]) -> Tensor:
+    """``cross_selective_scan`` as a registered op, what TorchScript calls."""
+    return _cross_selective_scan(x, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, backend)
+
+
+@_cross_selective_scan_op.register_fake
+def _cross_selective_scan_fake(x, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                          backend: Optional[str]) -> Tensor:
     batch, height, width, d_inner = x.shape
     length = height * width
     inputs = (x, dts, dt_weight, A, B, C, D, delta_bias)
-    name = resolve_scan_backend(x, backend, inputs[1:])
+    name = choose_implementation(inputs, backend)
     if name == 'triton':
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
-    if name == 'chunked' and compiled_inference_applies(*inputs):
+    if name == 'compiled':
         # CPU inference: the compiled loop reads every direction's steps in place, projects their step sizes
         # and merges as it goes
         out = run_cross_scan_kernel(
@@ -222,5 +249,5 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
     delta = torch.einsum('lbkr,kdr->lbkd', dts, dt_weight).reshape(length, batch, 4 * d_inner)
     ys = selective_scan(xs.view(length, batch, 4 * d_inner).permute(1, 2, 0), delta.permute(1, 2, 0), A,
                         B.permute(1, 2, 3, 0), C.permute(1, 2, 3, 0), D, delta_bias=delta_bias,
-                        delta_softplus=delta_softplus, backend=backend)  # (batch, 4d, L), time-major memory
+                        delta_softplus=delta_softplus, backend=name)  # (batch, 4d, L), time-major memory
     return cross_merge_time_major(ys.permute(2, 0, 1).reshape(length, batch, 4, d_inner), height, width)

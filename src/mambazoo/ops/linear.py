@@ -1,30 +1,30 @@
-"""Linear layers through oneDNN for float32 inference on an x86 CPU.
+"""Linear layers of float32 CPU inference through the machine's faster GEMM: oneDNN's or PyTorch's default.
 
 Why: on a CPU, ``F.linear`` is MKL's sgemm, and MKL runs its AVX2 code on AMD processors whatever they support;
 oneDNN (PyTorch's other CPU backend, already used for every convolution) picks its AVX-512 kernels by the ISA.
-Measured on the project's 2-core AMD EPYC (Zen 5) VM, at the shapes of the tiny models' GEMMs: 85-110 GMAC/s
-by ``F.linear``, 200-240 GMAC/s by oneDNN's ``mkldnn::_linear_pointwise`` (the op torch.compile's CPU backend
-emits for a linear layer). On Intel processors both use AVX-512 and the difference is small.
+Measured on a 2-core AMD EPYC (Zen 5) VM at the tiny models' GEMM shapes: 85-110 GMAC/s by ``F.linear``,
+200-240 GMAC/s by oneDNN's ``mkldnn::_linear_pointwise``. On an Intel Xeon (AVX-512) MKL runs AVX-512 too and
+oneDNN's route was the slower one (Vim-T 61.8 ms against 51.0 ms). So the route is a property of the machine:
+the policy's ``cpu_linear`` ('auto' by default) measures both once per process on a representative shape and
+keeps the faster; 'onednn' or 'aten' (or MAMBAZOO_CPU_LINEAR) force one.
 
-``linear`` is ``F.linear`` with that road for float32 CPU inference: no tensor needing a gradient, not traced,
-compiled or exported (those see the plain op), not under autocast, on x86 where PyTorch has oneDNN; anywhere
-else, and with MAMBAZOO_ONEDNN_LINEAR=0 in the environment, it is ``F.linear``. The results agree to float32
-rounding (a different order of the sums). ``use_onednn_linear`` makes a model's ``nn.Linear`` modules (timm's
-Mlp and Attention inside ours included) call it: each module's class becomes ``Linear``, a subclass with the
-same state, so parameters, state_dict keys, hooks and ``isinstance`` checks are unchanged.
+``linear`` is ``F.linear`` with that route for float32 CPU inference: no tensor needing a gradient, no tracer
+(torch.compile, export, a dispatch mode) watching, not under autocast, on x86 where PyTorch has oneDNN; anywhere
+else it is ``F.linear``. The results agree to float32 rounding (another order of the sums). Models call plain
+``nn.Linear`` modules; ``mambazoo.optimize_for_cpu(model)`` routes their forward through ``linear`` explicitly.
 """
 import functools
-import os
 import platform
+import time
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .scan_reference import tracer_active
+from .policy import get_scan_policy, tracer_active
 
-__all__ = ['linear', 'Linear', 'use_onednn_linear', 'onednn_linear_applies']
+__all__ = ['linear', 'onednn_linear_applies', 'cpu_linear_route']
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,39 +36,61 @@ def _onednn_linear_op():
     return getattr(torch.ops.mkldnn, '_linear_pointwise', None)
 
 
+def _median_seconds(fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_route(threads: int) -> str:
+    """'onednn' when oneDNN's linear is at least 10% faster than F.linear on a tiny model's GEMM shapes (Vim-T's
+    in_proj and an MLP's fc1 at batch 1: (197, 192) x (192, 768)), else 'aten'. About 20 ms, once per thread
+    count and process."""
+    op = _onednn_linear_op()
+    if op is None:
+        return 'aten'
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 197, 192, generator=generator)
+    w = torch.randn(768, 192, generator=generator)
+    b = torch.randn(768, generator=generator)
+    with torch.no_grad():
+        for _ in range(3):  # warm-up: oneDNN creates its primitive at the first call of a shape
+            F.linear(x, w, b)
+            op(x, w, b, 'none', [], '')
+        aten = _median_seconds(lambda: F.linear(x, w, b))
+        onednn = _median_seconds(lambda: op(x, w, b, 'none', [], ''))
+    return 'onednn' if onednn * 1.1 < aten else 'aten'
+
+
+def cpu_linear_route() -> str:
+    """The GEMM route of float32 CPU inference on this machine under the current policy: 'onednn' or 'aten'."""
+    route = get_scan_policy().cpu_linear
+    if route == 'auto':
+        route = _measured_route(torch.get_num_threads())
+    return 'aten' if _onednn_linear_op() is None else route
+
+
 def onednn_linear_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     """Whether ``linear(x, weight, bias)`` takes oneDNN (see the module docstring)."""
     # the tracer test first: under torch.compile nothing after it is traced (dynamo refuses torch.backends)
-    return (not tracer_active() and _onednn_linear_op() is not None
-            and os.environ.get('MAMBAZOO_ONEDNN_LINEAR', '1') != '0'
-            and x.device.type == 'cpu' and x.dim() >= 2 and x.dtype == torch.float32
+    return (not tracer_active() and x.device.type == 'cpu' and x.dim() >= 2 and x.dtype == torch.float32
             and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                   or (bias is not None and bias.requires_grad)))
-            and not torch.is_autocast_enabled('cpu'))
+            and not torch.is_autocast_enabled('cpu')
+            and cpu_linear_route() == 'onednn')
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool = False) -> Tensor:
-    """``F.linear(x, weight, bias)``, by oneDNN for float32 inference on an x86 CPU; with ``gelu``,
-    ``F.gelu(F.linear(x, weight, bias))`` (the exact, erf GELU), which oneDNN applies as the GEMM writes its
-    output (one pass over a 4x wider tensor less, in an MLP)."""
-    if onednn_linear_applies(x, weight, bias):
-        return _onednn_linear_op()(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
+    """``F.linear(x, weight, bias)``, by the machine's faster GEMM for float32 inference on an x86 CPU; with
+    ``gelu``, ``F.gelu(F.linear(x, weight, bias))`` (the exact, erf GELU), which oneDNN applies as the GEMM writes
+    its output (one pass over a 4x wider tensor less, in an MLP)."""
+    if not torch.jit.is_scripting():
+        if onednn_linear_applies(x, weight, bias):
+            return _onednn_linear_op()(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is ``linear`` (nothing else differs)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def use_onednn_linear(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` in ``module`` a ``Linear`` (in place; returns ``module``). Subclasses of
-    nn.Linear with a forward of their own are left alone."""
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = Linear
-    return module

@@ -11,9 +11,9 @@ over such tensors, which is slower still on a CPU. What is fast is to keep every
   a (batch, dim, N) state, through per-step views made once;
 * the chunk's output is a product with C and a sum over N (faster than a batched matmul with inner size N);
 * without autograd, the whole call (delta_bias, softplus, D, z too) runs block by block of time steps on
-  reused buffers (``_scan_inference``): every elementwise pass then reads cache, not memory; and for float32
-  on a CPU with numba installed, ``scan_numba``'s compiled loop does all of it instead, in one call (the
-  per-step ops' dispatch was most of a small model's scan time);
+  reused buffers (``_scan_inference``): every elementwise pass then reads cache, not memory (for float32
+  inference on a CPU, ``ops.policy`` picks ``scan_numba``'s compiled loop instead: the per-step ops' dispatch
+  was most of a small model's scan time);
 * with autograd, only the state at each chunk boundary is kept; the backward recomputes a chunk's states and
   runs the adjoint recurrence G_t = C_t*dy_t + a_{t+1}*G_{t+1} backwards the same way.
 
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .scan_numba import compiled_inference_applies, run_scan_kernel
-from .scan_reference import check_scan_args, compute_dtype
+from .policy import compute_dtype
+from .scan_reference import check_scan_args
 
 __all__ = ['selective_scan_chunked', 'auto_chunk_size', 'softplus']
 
@@ -192,8 +192,6 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     and pass for a VMamba stage-1 scan, against 0.25 ns in cache). Returns y (batch, dim, L), stored time-major
     when u is.
     """
-    if _compiled_kernel_applies(u, B_tm, C_tm, ct):
-        return _scan_inference_compiled(u, delta, A, B_tm, C_tm, D, z, delta_bias, delta_softplus)
     batch, dim, length = u.shape
     N = A.shape[1]
     T = min(chunk_size, length)
@@ -244,30 +242,6 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
             yb.mul_(F.silu(gate, inplace=True))
         y_tm[ps:pe] = yb
     return y, h
-
-
-def _compiled_kernel_applies(u: Tensor, B_tm: Tensor, C_tm: Tensor, ct: torch.dtype) -> bool:
-    """Whether ``scan_numba``'s kernel takes this (no-grad) scan: float32 compute on CPU, B and C per step
-    (contiguous time-major copies; a fixed B or C is a stride-0 view) with one group count."""
-    return (ct == torch.float32 and compiled_inference_applies(u, B_tm, C_tm)
-            and B_tm.is_contiguous() and C_tm.is_contiguous() and B_tm.shape[2] == C_tm.shape[2])
-
-
-def _scan_inference_compiled(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Tensor,
-                             D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
-                             delta_softplus: bool) -> Tuple[Tensor, Tensor]:
-    """``_scan_inference`` by ``scan_numba``'s compiled loop (every step of the recurrence in one call, not one
-    PyTorch op per step): y in u's layout (as ``_inference_output_layout`` says) and the last state."""
-    batch, dim, length = u.shape
-    y_tm = torch.empty(length, batch, dim, dtype=torch.float32)
-    h = torch.zeros(batch, A.shape[1], dim, dtype=torch.float32)  # (batch, N, dim): channels innermost
-    run_scan_kernel(_time_major(u, torch.float32), _time_major(delta, torch.float32),
-                    _time_major(z, torch.float32) if z is not None else None, A, B_tm, C_tm, D, delta_bias,
-                    delta_softplus, h, y_tm)
-    y = y_tm.permute(1, 2, 0)
-    if not _inference_output_layout(u):
-        y = y.contiguous()
-    return y, h.transpose(1, 2).contiguous()
 
 
 def _inference_output_layout(u: Tensor) -> bool:

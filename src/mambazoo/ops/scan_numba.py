@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .scan_reference import compute_dtype, tracer_active
+from .policy import get_scan_policy
 
 try:  # numba is a dependency, but the pure-PyTorch path covers a platform without its wheel
     import llvmlite.ir
@@ -43,26 +43,15 @@ try:  # numba is a dependency, but the pure-PyTorch path covers a platform witho
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ['numba_available', 'compiled_inference_applies', 'run_scan_kernel', 'run_cross_scan_kernel',
+__all__ = ['numba_importable', 'selective_scan_compiled', 'scan_kernel_takes', 'run_scan_kernel', 'run_cross_scan_kernel',
            'run_mixer_conv_silu', 'run_mixer_scan']
 
 LOG2_E = math.log2(math.e)
 
 
-def numba_available() -> bool:
-    """Whether the compiled CPU kernel can be used (numba importable, not turned off by MAMBAZOO_NUMBA=0)."""
-    return numba is not None and os.environ.get('MAMBAZOO_NUMBA', '1') != '0'
-
-
-def compiled_inference_applies(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call on these tensors may run a compiled kernel: float32 compute (half inputs count) on a CPU,
-    numba available, nothing needing a gradient, and no tracer watching (torch.compile, torch.jit, ONNX and
-    torch.export cannot see inside the compiled loop). Each kernel's callers add their own layout conditions."""
-    present = [t for t in tensors if t is not None]
-    return (numba_available() and all(t.device.type == 'cpu' for t in present)
-            and compute_dtype(*present) == torch.float32
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
-            and not tracer_active())
+def numba_importable() -> bool:
+    """Whether numba could be imported (whether the compiled kernels may run is ``policy``'s decision)."""
+    return numba is not None
 
 
 if numba is not None:
@@ -354,6 +343,38 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     _launch('scan', arrays, (delta_softplus, gate), dim, _thread_count(length * batch * dim * N))
 
 
+def scan_kernel_takes(B: Tensor, C: Tensor) -> bool:
+    """Whether ``selective_scan_compiled`` takes this B and C: per step ((batch, N, L) or (batch, G, N, L)) with the
+    same group count (a fixed (dim, N) B or C has no time-major copy to read)."""
+    return B.dim() >= 3 and C.dim() >= 3 and (B.shape[1] if B.dim() == 4 else 1) == (C.shape[1] if C.dim() == 4 else 1)
+
+
+def selective_scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                            z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                            delta_softplus: bool = False, return_last_state: bool = False):
+    """``selective_scan`` by the compiled loop: float32 inference on a CPU, B and C per step
+    (``scan_kernel_takes``). Same arguments and results as ``selective_scan_ref``; y comes back stored time-major
+    when u is (the Mamba mixer's and VMamba's inputs), else in u's layout."""
+    from .scan_chunked import _time_major, _time_major_bc
+    from .scan_reference import check_scan_args
+    check_scan_args(u, delta, A, B, C, D, z, delta_bias)
+    if not scan_kernel_takes(B, C):
+        raise ValueError('selective_scan_compiled: B and C must be per step with the same number of groups')
+    batch, dim, length = u.shape
+    y_tm = torch.empty(length, batch, dim, dtype=torch.float32)
+    h = torch.zeros(batch, A.shape[1], dim, dtype=torch.float32)  # (batch, N, dim): channels innermost
+    B_tm = _time_major_bc(B.float(), batch, dim, length)
+    C_tm = _time_major_bc(C.float(), batch, dim, length)
+    run_scan_kernel(_time_major(u, torch.float32), _time_major(delta, torch.float32),
+                    _time_major(z, torch.float32) if z is not None else None, A.float(), B_tm, C_tm, D, delta_bias,
+                    delta_softplus, h, y_tm)
+    y = y_tm.permute(1, 2, 0)
+    if not u.permute(2, 0, 1).is_contiguous():
+        y = y.contiguous()
+    y = y.to(u.dtype)
+    return (y, h.transpose(1, 2).contiguous()) if return_last_state else y
+
+
 def run_cross_scan_kernel(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B: Tensor, C: Tensor,
                           D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                           positions: Tensor) -> Tensor:
@@ -600,10 +621,10 @@ def _libgomp_parallel():
 
 
 def _thread_count(work: int) -> int:
-    """Threads for a call of ``work`` elements: PyTorch's (or MAMBAZOO_SCAN_THREADS) from MIN_PARALLEL_WORK on,
-    where PyTorch's libgomp is there to run the tasks; otherwise 1."""
-    forced = os.environ.get('MAMBAZOO_SCAN_THREADS')
-    threads = int(forced) if forced else (torch.get_num_threads() if work >= MIN_PARALLEL_WORK else 1)
+    """Threads for a call of ``work`` elements: PyTorch's (or the policy's ``scan_threads``) from MIN_PARALLEL_WORK
+    on, where PyTorch's libgomp is there to run the tasks; otherwise 1."""
+    forced = get_scan_policy().scan_threads
+    threads = forced if forced else (torch.get_num_threads() if work >= MIN_PARALLEL_WORK else 1)
     return threads if threads > 1 and _gomp_parallel() is not None else 1
 
 

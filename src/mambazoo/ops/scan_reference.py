@@ -16,24 +16,11 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ['selective_scan_ref', 'compute_dtype', 'tracer_active', 'check_scan_args', 'prepare_scan_inputs',
+from .policy import compute_dtype
+
+__all__ = ['selective_scan_ref', 'check_scan_args', 'prepare_scan_inputs',
            'skip_and_gate']
-
-
-def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32 (half and bfloat16 inputs accumulate in float32)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def tracer_active() -> bool:
-    """Whether torch.compile, torch.export, torch.jit tracing, the ONNX exporter or a Python dispatch mode (a
-    FLOP counter, say) is watching: they cannot see inside an op that leaves PyTorch (a numba loop) or do not
-    know one by its internal name (oneDNN's linear), so the fast CPU inference paths step aside for the plain
-    ops."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or _get_current_dispatch_mode() is not None)
 
 
 def check_scan_args(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

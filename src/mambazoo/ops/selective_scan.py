@@ -1,27 +1,30 @@
-"""``selective_scan``: the one entry point every model calls; it picks the implementation.
+"""``selective_scan``: the one entry point every model calls for a scan.
 
-Backends:
-    "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default. Its
-               float32 CPU inference runs a numba-compiled loop (``scan_numba``) when numba is installed.
+Implementations (``ops.policy.choose_implementation`` picks one per call, by device, dtype, grad mode, tracing and
+the policy):
+    "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default.
+    "compiled" float32 CPU inference by a numba-compiled loop (``scan_numba``), where "chunked" would run.
     "ref"      the sequential definition (``scan_reference``); slow, for tests.
     "parallel" a log-depth associative scan without a loop over time (``scan_parallel``); what "auto" picks
-               while a model is exported or traced (ONNX, TorchScript, torch.export).
+               while a model is exported or traced (ONNX, torch.jit tracing, torch.export).
     "triton"   fused Triton kernels (``scan_triton``), a registered custom op; what "auto" picks for CUDA tensors
                (not float64) when Triton is importable.
-The process-wide default can be changed with ``set_scan_backend`` or the MAMBAZOO_SCAN environment variable.
+The backend can be forced with ``set_scan_backend``, ``with ops.scan_policy(backend=...)`` or MAMBAZOO_SCAN.
 """
-import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from .policy import choose_implementation, get_scan_policy, set_scan_policy
 from .scan_chunked import selective_scan_chunked
+from .scan_numba import scan_kernel_takes, selective_scan_compiled
 from .scan_parallel import selective_scan_parallel
-from .scan_reference import compute_dtype, selective_scan_ref
-from .scan_triton import selective_scan_triton, triton_available
+from .scan_reference import selective_scan_ref
+from .scan_triton import selective_scan_triton
 
-__all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS']
+__all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS',
+           'implementation_function', 'fx_leaf_call']
 
 SCAN_BACKENDS: Dict[str, Callable] = {
     'chunked': selective_scan_chunked,
@@ -30,38 +33,58 @@ SCAN_BACKENDS: Dict[str, Callable] = {
     'triton': selective_scan_triton,
 }
 
-_backend: str = os.environ.get('MAMBAZOO_SCAN', 'auto')
+
+def implementation_function(name: str) -> Callable:
+    """The scan that runs implementation ``name`` (what ``choose_implementation`` returned)."""
+    return selective_scan_compiled if name == 'compiled' else SCAN_BACKENDS[name]
 
 
 def set_scan_backend(name: str) -> None:
-    """Use ``name`` ('auto' or one of SCAN_BACKENDS) for every later ``selective_scan`` call."""
-    global _backend
-    if name != 'auto' and name not in SCAN_BACKENDS:
-        raise ValueError(f'unknown scan backend {name!r}; choose from auto, {", ".join(SCAN_BACKENDS)}')
-    _backend = name
+    """Use ``name`` ('auto' or one of SCAN_BACKENDS) for every later op call (the policy's ``backend``)."""
+    set_scan_policy(backend=name)
 
 
 def get_scan_backend() -> str:
-    return _backend
+    return get_scan_policy().backend
 
 
-def resolve_scan_backend(u: Tensor, backend: Optional[str] = None, others: Sequence[Optional[Tensor]] = ()) -> str:
-    """The backend name a ``selective_scan`` call on ``u`` (and the ``others`` inputs) with this ``backend``
-    argument would use."""
-    name = backend or _backend
-    if name == 'auto':
-        # A traced Python loop over time would unroll into O(L) graph nodes: export the loop-free scan.
-        exporting = (torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.jit.is_scripting()
-                     or torch.compiler.is_exporting())
-        if exporting:
-            name = 'parallel'
-        elif u.is_cuda and compute_dtype(u, *others) != torch.float64 and triton_available():
-            name = 'triton'
-        else:
-            name = 'chunked'
-    if name not in SCAN_BACKENDS:
-        raise ValueError(f'unknown scan backend {name!r}; choose from auto, {", ".join(SCAN_BACKENDS)}')
-    return name
+def resolve_scan_backend(u: Tensor, backend: Optional[str] = None, others: Tuple[Optional[Tensor], ...] = ()) -> str:
+    """The implementation a ``selective_scan`` call on ``u`` (and the ``others`` inputs) would run."""
+    return choose_implementation((u, *others), backend)
+
+
+def fx_leaf_call(fn: Callable, args: tuple, kwargs: dict):
+    """If an FX tracer is recording (some argument is a Proxy), record ``fn`` as one call_function node (a leaf: its
+    Python control flow is not traced) and return the node's Proxy; else None. Every op starts with it, so
+    ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` and timm's FX features trace models
+    without wrapping anything."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            value = next((v for v in value if isinstance(v, torch.fx.Proxy)), None)
+        if isinstance(value, torch.fx.Proxy):
+            return value.tracer.create_proxy('call_function', fn, args, kwargs)
+    return None
+
+
+@torch.library.custom_op('mambazoo::selective_scan', mutates_args=())
+def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                       backend: Optional[str]) -> Tuple[Tensor, Tensor]:
+    """``selective_scan`` as a registered op (output and last state), what TorchScript calls: a scripted model
+    runs the same implementations and saves with a reference to this op, not to Python code."""
+    return _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True, backend)
+
+
+@_selective_scan_op.register_fake
+def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=torch.promote_types(
+        torch.float32, u.dtype))
+
+
+def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
+    name = choose_implementation((u, delta, A, B, C, D, z, delta_bias), backend, scan_kernel_takes(B, C))
+    return implementation_function(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                         delta_softplus=delta_softplus, return_last_state=return_last_state)
 
 
 def selective_scan(
@@ -75,7 +98,6 @@ def selective_scan(
         delta_bias: Optional[Tensor] = None,
         delta_softplus: bool = False,
         return_last_state: bool = False,
-        *,
         backend: Optional[str] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The selective scan of Mamba, with the arguments and semantics of mamba_ssm's ``selective_scan_fn``.
@@ -90,11 +112,21 @@ def selective_scan(
         delta_bias: (dim,) added to delta.
         delta_softplus: apply softplus to delta (after the bias).
         return_last_state: also return the final state (batch, dim, N).
-        backend: override the process-wide backend for this call.
+        backend: override the policy's backend for this call.
     Returns:
         (batch, dim, L) in u's dtype (accumulated in float32, or float64 for float64 inputs), and the last
         state in the compute dtype when ``return_last_state``.
+
+    The implementation is chosen by ``ops.policy.choose_implementation``. Under TorchScript this is the registered
+    op ``torch.ops.mambazoo.selective_scan``; under FX tracing one leaf node.
     """
-    fn = SCAN_BACKENDS[resolve_scan_backend(u, backend, (delta, A, B, C, D, z, delta_bias))]
-    return fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-              return_last_state=return_last_state)
+    if torch.jit.is_scripting():
+        y, last = torch.ops.mambazoo.selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, backend)
+        if return_last_state:
+            return y, last
+        return y
+    traced = fx_leaf_call(selective_scan, (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                           backend), {})
+    if traced is not None:
+        return traced
+    return _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend)
