@@ -21,3 +21,16 @@ def shared_fixtures() -> Path:
     if not SHARED_FIXTURES.is_dir():
         pytest.skip(f'golden fixtures not found at {SHARED_FIXTURES} (../shared beside the project)')
     return SHARED_FIXTURES
+
+
+@pytest.fixture
+def set_policy(monkeypatch):
+    """``set_policy(field=value, ...)`` changes the ops' policy (``mambazoo.ops.ScanPolicy``) for one test, restored
+    after it (the policy reads the environment once, at import: monkeypatch.setenv would not reach it)."""
+    import dataclasses
+
+    from mambazoo.ops import policy
+
+    def apply(**changes):
+        monkeypatch.setattr(policy, '_policy', dataclasses.replace(policy.get_scan_policy(), **changes))
+    return apply

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import mambazoo
 from mambazoo.models import MambaHybrid
-from mambazoo.models import _blocks as blocks_module
+from mambazoo.ops import mamba_inner as mamba_inner_module
 from mambazoo.models._blocks import Mamba
 from mambazoo.models.hybrid import AttentionBlock, MambaBlock
 
@@ -165,13 +165,13 @@ def test_bad_inputs_raise(shape, needle):
 
 # ------------------------------------------------------------------------------ the blocks do their work
 
-def test_every_block_runs_its_operator(monkeypatch):
+def test_every_block_runs_its_operator(monkeypatch, set_policy):
     """Mamba blocks go through mambazoo's selective_scan (with the z gate), attention blocks through SDPA (the
-    PyTorch path; float32 CPU inference runs the compiled mixer instead, tested in test_vim)."""
-    monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
+    PyTorch path; float32 CPU inference runs the compiled mixer kernels instead, tested in tests/ops)."""
+    set_policy(compiled_cpu=False)
     scans, sdpa = [], []
-    real_scan, real_sdpa = blocks_module.selective_scan, F.scaled_dot_product_attention
-    monkeypatch.setattr(blocks_module, 'selective_scan',
+    real_scan, real_sdpa = mamba_inner_module.selective_scan, F.scaled_dot_product_attention
+    monkeypatch.setattr(mamba_inner_module, 'selective_scan',
                         lambda *a, **k: scans.append(k.get('z') is not None) or real_scan(*a, **k))
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
                         lambda *a, **k: sdpa.append(a[0].shape) or real_sdpa(*a, **k))

@@ -283,9 +283,9 @@ def test_released_configuration_hyper_parameters():
 
 # ------------------------------------------------------------------------ 5. SS2D: one scan, four directions
 
-def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(monkeypatch):
-    """The pure-PyTorch CPU path (what autograd and float64 take; here forced with MAMBAZOO_NUMBA=0)."""
-    monkeypatch.setenv('MAMBAZOO_NUMBA', '0')
+def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(monkeypatch, set_policy):
+    """The pure-PyTorch CPU path (what autograd and float64 take; here forced with the policy's compiled_cpu off)."""
+    set_policy(compiled_cpu=False)
     model = small_model().eval()
     calls = []
     real = cross_scan_ops.selective_scan  # what cross_selective_scan calls on a CPU
@@ -310,7 +310,7 @@ def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(
 def test_one_compiled_cross_scan_per_block_in_cpu_inference(monkeypatch):
     """float32 CPU inference: one call of the compiled cross kernel per block, all four directions in it."""
     from mambazoo.ops import scan_numba
-    if not scan_numba.numba_available():
+    if not scan_numba.numba_importable():
         pytest.skip('numba is not installed')
     model = small_model().eval()
     calls = []

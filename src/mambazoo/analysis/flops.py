@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..ops import SCAN_BACKENDS, get_scan_backend, set_scan_backend
+from ..ops import get_scan_backend, register_scan_backend, set_scan_backend
 
 __all__ = ['FlopCount', 'count_flops', 'count_model_flops', 'selective_scan_flops', 'attention_flops',
            'PublishedFlops', 'PUBLISHED_FLOPS', 'CONVENTION']
@@ -237,7 +237,7 @@ def count_flops(
     module_flops = _ModuleFlops(model, modules, running_total)
     previous_backend = get_scan_backend()
     was_training = model.training
-    SCAN_BACKENDS[_COUNTING_BACKEND] = scan_counter
+    register_scan_backend(_COUNTING_BACKEND, scan_counter)
     set_scan_backend(_COUNTING_BACKEND)
     try:
         model.eval()
@@ -245,7 +245,7 @@ def count_flops(
             model(inputs)
     finally:
         set_scan_backend(previous_backend)
-        SCAN_BACKENDS.pop(_COUNTING_BACKEND, None)
+        register_scan_backend(_COUNTING_BACKEND, None)
         model.train(was_training)
         module_flops.remove()
     by_op: Dict[str, int] = defaultdict(int)

@@ -1,4 +1,4 @@
-"""Blocks shared by the model families: the Mamba mixer (one scan direction, or Vim's two).
+"""Blocks shared by the model families: the Mamba mixer (one scan direction, or Vim's two), and the input check.
 
 ``Mamba`` has the constructor arguments and ``state_dict`` layout of mamba_ssm's ``modules/mamba_simple.Mamba`` as
 modified by Vim (hustvl/Vim ``mamba-1p1p1``): ``bimamba_type='v2'`` adds a backward branch with its own conv1d,
@@ -20,7 +20,32 @@ from torch import Tensor, nn
 
 from ..ops.mamba_inner import mamba_inner_conv, mamba_inner_scan
 
-__all__ = ['Mamba']
+__all__ = ['Mamba', 'check_images']
+
+
+def check_images(x: Tensor, in_chans: int, family: str, minimum: int = 1, offset: int = 0, multiple: int = 1,
+                 multiple_name: str = '') -> None:
+    """Raise a ValueError naming the problem unless ``x`` is a batch of images (B, in_chans, H, W) whose height and
+    width are at least ``minimum`` and of the form ``offset + k * multiple`` (the family's size rule; the message
+    calls ``multiple`` by ``multiple_name``, e.g. 'the patch size ').
+
+    Tracers record no check: under FX tracing (a Proxy) it returns at once; TorchScript compiles it as is.
+    """
+    if not torch.jit.is_scripting():
+        if isinstance(x, torch.fx.Proxy):
+            return
+    shape = '(' + ', '.join([str(size) for size in x.shape]) + ')'
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'expected images (B, {in_chans}, H, W), got shape {shape}')
+    if not x.is_floating_point():
+        raise ValueError(f'expected floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255)')
+    height, width = x.shape[-2], x.shape[-1]
+    if height < minimum or width < minimum or (height - offset) % multiple or (width - offset) % multiple:
+        rule = (f'divisible by {multiple_name}{multiple}' if offset % multiple == 0
+                else f'of the form {offset} + k * {multiple}')
+        if minimum > max(multiple, offset):
+            rule = f'{rule}, at least {minimum}'
+        raise ValueError(f'{family} needs height and width {rule}; got ({height}, {width}). Resize or pad the image.')
 
 
 class Mamba(nn.Module):
@@ -44,6 +69,10 @@ class Mamba(nn.Module):
         if_divide_out: with 'v2', average the two directions instead of summing them.
         init_layer_scale: if set, the output is scaled by a learned per-channel ``gamma`` (this initial value).
     """
+
+    bidirectional: torch.jit.Final[bool]  # a constant for TorchScript: the one-direction mixer has no *_b modules
+    if_divide_out: torch.jit.Final[bool]
+    init_layer_scale: torch.jit.Final[Optional[float]]
 
     def __init__(
             self,
@@ -138,14 +167,15 @@ class Mamba(nn.Module):
         """(B, L, d_model) -> (B, L, d_model)."""
         d_inner, rank = self.d_inner, self.dt_rank
         xz = self.in_proj(hidden_states)  # (B, L, 2 d_inner)
+        conv_weight, conv_bias = self.conv1d.weight, self.conv1d.bias
+        A, D = -torch.exp(self.A_log.float()), self.D.float()
         if self.bidirectional:
-            conv_weight = torch.cat((self.conv1d.weight, self.conv1d_b.weight))
-            conv_bias = torch.cat((self.conv1d.bias, self.conv1d_b.bias)) if self.conv1d.bias is not None else None
-            A = -torch.exp(torch.cat((self.A_log, self.A_b_log)).float())
-            D = torch.cat((self.D, self.D_b)).float()
-        else:
-            conv_weight, conv_bias = self.conv1d.weight, self.conv1d.bias
-            A, D = -torch.exp(self.A_log.float()), self.D.float()
+            conv_weight = torch.cat([conv_weight, self.conv1d_b.weight])
+            bias_b = self.conv1d_b.bias
+            if conv_bias is not None and bias_b is not None:
+                conv_bias = torch.cat([conv_bias, bias_b])
+            A = torch.cat([A, -torch.exp(self.A_b_log.float())])
+            D = torch.cat([D, self.D_b.float()])
         u = mamba_inner_conv(xz, conv_weight, conv_bias)  # (B, L, K d_inner), K branches
         # dt_proj applies its bias in its GEMM (the official kernel adds it inside the scan, in float32: the same
         # sum in float32 models); module calls keep the projections visible to hooks and quantization.

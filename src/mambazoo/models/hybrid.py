@@ -26,10 +26,21 @@ from timm.layers import Attention, DropPath, Mlp, PatchEmbed, resample_abs_pos_e
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
-from ._blocks import Mamba
+from ._blocks import Mamba, check_images
 from ._builder import build_model, register_model
 
 __all__ = ['MambaHybrid', 'MambaBlock', 'AttentionBlock']
+
+
+def pos_embed_for_grid(pos_embed: Tensor, height: int, width: int, trained_grid: Tuple[int, int]) -> Tensor:
+    """The position embedding (1, P, D) for a (height, width) patch grid: resampled (bicubic, as timm's ViTs) when
+    it is not the grid it was trained for."""
+    if height == trained_grid[0] and width == trained_grid[1]:
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, [height, width], [trained_grid[0], trained_grid[1]], num_prefix_tokens=0)
+
+
+torch.fx.wrap('pos_embed_for_grid')  # a leaf for FX tracing: it branches on the input's size
 
 
 class MambaBlock(nn.Module):
@@ -178,21 +189,15 @@ class MambaHybrid(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}')
         p = self.patch_embed.patch_size[0]
-        if x.shape[-2] % p or x.shape[-1] % p or x.shape[-2] < p or x.shape[-1] < p:
-            raise ValueError(f'MambaHybrid needs height and width divisible by the patch size {p}; got '
-                             f'{tuple(x.shape[-2:])}. Resize or pad the image.')
+        check_images(x, self.in_chans, 'MambaHybrid', minimum=p, multiple=p, multiple_name='the patch size ')
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         self._check_input(x)
-        grid = self.patch_embed.dynamic_feat_size(x.shape[-2:])
+        p = self.patch_embed.patch_size[0]
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)
-        pos_embed = self.pos_embed
-        if tuple(grid) != tuple(self.patch_embed.grid_size):
-            pos_embed = resample_abs_pos_embed(pos_embed, list(grid), list(self.patch_embed.grid_size),
-                                               num_prefix_tokens=0)
+        pos_embed = pos_embed_for_grid(self.pos_embed, grid[0], grid[1], self.patch_embed.grid_size)
         return self.pos_drop(x + pos_embed), grid
 
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
@@ -203,8 +208,11 @@ class MambaHybrid(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> normalised tokens (B, H/16 * W/16, embed_dim)."""
         x, _ = self._embed(x)
-        for block in self.blocks:
-            x = self._run_block(block, x)
+        for block in self.blocks:  # not through _run_block: TorchScript takes no module as an argument
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = grad_checkpoint(block, x)
+            else:
+                x = block(x)
         return self.norm(x)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

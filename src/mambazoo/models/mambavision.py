@@ -22,6 +22,7 @@ from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
 from ..ops import selective_scan
+from ._blocks import check_images
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['MambaVision', 'MambaVisionMixer']
@@ -121,7 +122,6 @@ class MambaVisionMixer(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         """(B, L, d_model) -> (B, L, d_model)."""
-        seqlen = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)
         x, z = xz.chunk(2, dim=1)
         half = self.d_inner // 2
@@ -133,11 +133,16 @@ class MambaVisionMixer(nn.Module):
         # The released weights were trained that way, so we keep it.
         dt = self.dt_proj(dt).transpose(1, 2)
         A = -torch.exp(self.A_log.float())
+        dt_bias = self.dt_proj.bias
+        if not torch.jit.is_scripting():
+            if not isinstance(dt_bias, (Tensor, torch.fx.Proxy)):  # dynamically quantized (torch.ao): a method
+                dt_bias = dt_bias()
         y = selective_scan(
             x, dt, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-            z=None, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            z=None, delta_bias=dt_bias.float(), delta_softplus=True,
         )
-        assert y.shape[-1] == seqlen
+        if isinstance(y, tuple):  # a (y, last state) pair only when asked for: this refines TorchScript's type
+            y = y[0]
         return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))
 
 
@@ -183,6 +188,26 @@ def window_partition(x: Tensor, window_size: int) -> Tensor:
     B, C, H, W = x.shape
     x = x.view(B, C, H // window_size, window_size, W // window_size, window_size)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(-1, window_size * window_size, C)
+
+
+def pad_to_windows(x: Tensor, window_size: int) -> Tensor:
+    """Zero-pad a map (B, C, H, W) at the bottom and right to multiples of ``window_size`` (as the official code)."""
+    pad_r = (window_size - x.shape[-1] % window_size) % window_size
+    pad_b = (window_size - x.shape[-2] % window_size) % window_size
+    return F.pad(x, (0, pad_r, 0, pad_b)) if pad_r or pad_b else x
+
+
+def crop_map(x: Tensor, height: int, width: int) -> Tensor:
+    """The top-left (height, width) of a map, contiguous (a no-op when it is the whole map)."""
+    if x.shape[-2] == height and x.shape[-1] == width:
+        return x
+    return x[:, :, :height, :width].contiguous()
+
+
+# Branches on a map's size: leaves for FX tracing (torchvision's and timm's feature extractors) instead of control flow
+# on traced values.
+torch.fx.wrap('pad_to_windows')
+torch.fx.wrap('crop_map')
 
 
 def window_reverse(windows: Tensor, window_size: int, H: int, W: int) -> Tensor:
@@ -240,16 +265,11 @@ class MambaVisionStage(nn.Module):
         """The stage without its downsample: (B, C, H, W) -> (B, C, H, W)."""
         if self.conv:
             return self._run_blocks(x)
-        _, _, H, W = x.shape
+        H, W = x.shape[-2], x.shape[-1]
         ws = self.window_size
-        pad_r, pad_b = (ws - W % ws) % ws, (ws - H % ws) % ws
-        if pad_r or pad_b:
-            x = F.pad(x, (0, pad_r, 0, pad_b))
-        Hp, Wp = x.shape[-2:]
-        x = window_reverse(self._run_blocks(window_partition(x, ws)), ws, Hp, Wp)
-        if pad_r or pad_b:
-            x = x[:, :, :H, :W].contiguous()
-        return x
+        x = pad_to_windows(x, ws)
+        x = window_reverse(self._run_blocks(window_partition(x, ws)), ws, x.shape[-2], x.shape[-1])
+        return crop_map(x, H, W)
 
     def _run_blocks(self, x: Tensor) -> Tensor:
         for blk in self.blocks:
@@ -378,11 +398,7 @@ class MambaVision(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}')
-        if x.shape[-2] % 32 or x.shape[-1] % 32:
-            raise ValueError(f'MambaVision needs height and width divisible by 32 (4 halvings after a stride-4 '
-                             f'stem); got {tuple(x.shape[-2:])}. Resize or pad the image.')
+        check_images(x, self.in_chans, 'MambaVision', minimum=32, multiple=32)  # a stride-4 stem, 3 halvings
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> normalised last-stage map (B, num_features, H/32, W/32)."""

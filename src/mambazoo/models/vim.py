@@ -33,7 +33,7 @@ from timm.layers import DropPath, RmsNorm, lecun_normal_, resample_abs_pos_embed
 from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
-from ._blocks import Mamba
+from ._blocks import Mamba, check_images
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VisionMamba', 'class_token_positions', 'resample_pos_embed']
@@ -56,13 +56,15 @@ def class_token_positions(num_patches: int, layout: str) -> List[int]:
         return [0, num_patches + 1]
     if layout == 'none':
         return []
-    raise ValueError(f'unknown class-token layout {layout!r}; one of {CLASS_TOKEN_LAYOUTS}')
+    raise ValueError(f"unknown class-token layout '{layout}'; one of middle, first, double, none")
 
 
-def insert_tokens(x: Tensor, tokens: Sequence[Tensor], positions: Sequence[int]) -> Tensor:
-    """Insert ``tokens[i]`` (B, 1, D) into the sequence ``x`` (B, L, D) so that it ends up at ``positions[i]``."""
-    for pos, token in sorted(zip(positions, tokens), key=lambda item: item[0]):
-        x = torch.cat((x[:, :pos], token, x[:, pos:]), dim=1)
+def insert_tokens(x: Tensor, tokens: List[Tensor], positions: List[int]) -> Tensor:
+    """Insert ``tokens[i]`` (B, 1, D) into the sequence ``x`` (B, L, D) so that it ends up at ``positions[i]``
+    (positions ascending, as ``class_token_positions`` gives them)."""
+    for i in range(len(positions)):
+        pos = positions[i]
+        x = torch.cat([x[:, :pos], tokens[i], x[:, pos:]], dim=1)
     return x
 
 
@@ -70,17 +72,18 @@ def split_tokens(x: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
     """(B, L, D) -> (patch tokens (B, P, D), class tokens (B, n_cls, D)) for a class-token ``layout``."""
     n_cls = len(class_token_positions(0, layout))
     positions = class_token_positions(x.shape[1] - n_cls, layout)
-    if not positions:
+    if len(positions) == 0:
         return x, x[:, :0]
+    index = torch.tensor(positions, device=x.device)
     keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-    keep[positions] = False
-    return x[:, keep], x[:, positions]
+    keep[index] = False
+    return x[:, keep], x.index_select(1, index)
 
 
 def resample_pos_embed(
         pos_embed: Tensor,
-        new_grid: Sequence[int],
-        old_grid: Sequence[int],
+        new_grid: List[int],
+        old_grid: List[int],
         layout: str = 'middle',
         interpolation: str = 'bicubic',
         antialias: bool = True,
@@ -91,16 +94,21 @@ def resample_pos_embed(
     timm does for ViTs (``resample_abs_pos_embed``, bicubic), and the class-token entries are put back at their
     positions for the new grid (for 'middle': in the middle of the new sequence).
     """
-    old_grid, new_grid = tuple(int(s) for s in old_grid), tuple(int(s) for s in new_grid)
-    if old_grid == new_grid:
+    old = [int(old_grid[0]), int(old_grid[1])]
+    new = [int(new_grid[0]), int(new_grid[1])]
+    if old == new:
         return pos_embed
     patches, cls = split_tokens(pos_embed, layout)
-    if patches.shape[1] != old_grid[0] * old_grid[1]:
-        raise ValueError(f'position embedding has {patches.shape[1]} patch entries, not {old_grid[0]}x{old_grid[1]}')
-    patches = resample_abs_pos_embed(patches, list(new_grid), list(old_grid), num_prefix_tokens=0,
-                                     interpolation=interpolation, antialias=antialias)
-    n_new = new_grid[0] * new_grid[1]
-    return insert_tokens(patches, cls.split(1, dim=1), class_token_positions(n_new, layout))
+    if patches.shape[1] != old[0] * old[1]:
+        raise ValueError(f'position embedding has {patches.shape[1]} patch entries, not {old[0]}x{old[1]}')
+    patches = resample_abs_pos_embed(patches, new, old, num_prefix_tokens=0, interpolation=interpolation,
+                                     antialias=antialias)
+    return insert_tokens(patches, list(cls.split(1, dim=1)), class_token_positions(new[0] * new[1], layout))
+
+
+# Leaves for FX tracing: they branch on the input's size (class-token positions, a grid other than the trained one).
+torch.fx.wrap('insert_tokens')
+torch.fx.wrap('resample_pos_embed')
 
 
 def _norm_in_input_dtype(norm: nn.Module, x: Tensor) -> Tensor:
@@ -129,9 +137,9 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.stride)
 
-    def feat_size(self, img_size: Sequence[int]) -> Tuple[int, int]:
+    def feat_size(self, img_size: List[int]) -> Tuple[int, int]:
         """The patch grid for an input of ``img_size`` (H, W)."""
-        return tuple((s - p) // self.stride + 1 for s, p in zip(img_size, self.patch_size))
+        return ((img_size[0] - self.patch_size[0]) // self.stride + 1, (img_size[1] - self.patch_size[1]) // self.stride + 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -156,7 +164,11 @@ class VimBlock(nn.Module):
         residual = hidden_states if residual is None else residual + self.drop_path(hidden_states)
         if self.residual_in_fp32:
             residual = residual.to(torch.promote_types(residual.dtype, torch.float32))
-        hidden_states = _norm_in_input_dtype(self.norm, residual).to(hidden_states.dtype)
+        if torch.jit.is_scripting():  # scripted: the module's own dtype (the same for a float32 model)
+            normed = self.norm(residual)
+        else:
+            normed = _norm_in_input_dtype(self.norm, residual)
+        hidden_states = normed.to(hidden_states.dtype)
         return self.mixer(hidden_states), residual
 
 
@@ -379,29 +391,23 @@ class VisionMamba(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}')
-        (ph, pw), s = self.patch_embed.patch_size, self.patch_embed.stride
-        H, W = x.shape[-2:]
-        if H < ph or W < pw or (H - ph) % s or (W - pw) % s:
-            if (ph, pw) == (s, s):
-                raise ValueError(f'Vim needs height and width divisible by the patch size {s}; got {(H, W)}. '
-                                 f'Resize or pad the image.')
-            raise ValueError(f'Vim with patch {ph}x{pw} and stride {s} needs height and width of the form '
-                             f'{ph} + k * {s}; got {(H, W)}. Resize or pad the image.')
+        patch, stride = self.patch_embed.patch_size[0], self.patch_embed.stride
+        check_images(x, self.in_chans, 'Vim', minimum=patch, offset=patch, multiple=stride,
+                     multiple_name='the patch size ' if patch == stride else '')
 
     def _pos_embed(self, grid: Tuple[int, int]) -> Tensor:
         """The position embedding for a patch grid (resampled on the fly when it is not the training grid)."""
-        if tuple(grid) == tuple(self.patch_embed.grid_size):
-            return self.pos_embed
-        return resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.class_token_layout)
+        trained = self.patch_embed.grid_size
+        return resample_pos_embed(self.pos_embed, [grid[0], grid[1]], [trained[0], trained[1]],
+                                  self.class_token_layout)
 
     def _class_tokens(self, batch: int) -> List[Tensor]:
-        if self.class_token_layout == 'double':
+        # hasattr, not the layout's name: TorchScript skips the branches of the tokens this model does not have
+        if hasattr(self, 'cls_token_head'):
             return [self.cls_token_head.expand(batch, -1, -1), self.cls_token_tail.expand(batch, -1, -1)]
-        if self.class_token_layout == 'none':
-            return []
-        return [self.cls_token.expand(batch, -1, -1)]
+        if hasattr(self, 'cls_token'):
+            return [self.cls_token.expand(batch, -1, -1)]
+        return []
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         """Images -> (tokens (B, P + n_cls, D) with class token(s) and position embedding, patch grid)."""
@@ -420,14 +426,20 @@ class VisionMamba(nn.Module):
 
     def _final_norm(self, hidden: Tensor, residual: Tensor) -> Tensor:
         residual = residual + self.drop_path(hidden)
+        if torch.jit.is_scripting():  # scripted: the module's own dtype (the same for a float32 model)
+            return self.norm_f(residual).to(hidden.dtype)
         return _norm_in_input_dtype(self.norm_f, residual).to(hidden.dtype)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> normalised tokens (B, P + n_cls, D), class token(s) in place (P = patch count)."""
         hidden, _ = self._embed(x)
-        residual = None
-        for layer in self.layers:
-            hidden, residual = self._run_layer(layer, hidden, residual)
+        residual: Optional[Tensor] = None
+        for layer in self.layers:  # not through _run_layer: TorchScript takes no module as an argument
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                hidden, residual = grad_checkpoint(layer, hidden, residual)
+            else:
+                hidden, residual = layer(hidden, residual)
+        assert residual is not None  # (there is at least one layer)
         return self._final_norm(hidden, residual)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -448,6 +460,9 @@ class VisionMamba(nn.Module):
 
     def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
         """Logits, or with ``return_features`` the pooled feature (what the official ``forward_features`` returns)."""
+        if not torch.jit.is_scripting():
+            if isinstance(return_features, torch.fx.Proxy):  # FX makes every argument a placeholder: trace the logits
+                return_features = False
         return self.forward_head(self.forward_features(x), pre_logits=return_features)
 
     def forward_intermediates(

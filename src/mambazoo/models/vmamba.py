@@ -32,6 +32,7 @@ from timm.models._features import FeatureInfo, feature_take_indices
 
 from ..ops import cross_selective_scan
 from ..ops.linear import linear
+from ._blocks import check_images
 from ._builder import build_model, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
@@ -63,6 +64,8 @@ class Linear2d(nn.Linear):
 
 class Mlp(nn.Module):
     """fc1 -> act -> fc2 on NCHW maps; with ``gated``, fc1 doubles and fc2 sees x * act(z) (the official gMlp)."""
+    gated: torch.jit.Final[bool]
+    gelu_in_fc1: torch.jit.Final[bool]
 
     def __init__(self, dim: int, hidden: int, act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.,
                  gated: bool = False):
@@ -70,12 +73,14 @@ class Mlp(nn.Module):
         self.gated = gated
         self.fc1 = Linear2d(dim, 2 * hidden if gated else hidden)
         self.act = act_layer()
+        # the exact GELU after a plain fc1 is applied by fc1's GEMM (ops.linear); a constant for TorchScript
+        self.gelu_in_fc1 = not gated and type(self.act) is nn.GELU and self.act.approximate == 'none'
         self.fc2 = Linear2d(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.gated and type(self.act) is nn.GELU and self.act.approximate == 'none':
-            return self.drop(self.fc2(self.drop(self.fc1(x, gelu=True))))  # the GELU applied by fc1's GEMM
+        if self.gelu_in_fc1:
+            return self.drop(self.fc2(self.drop(self.fc1(x, gelu=True))))
         x = self.fc1(x)
         if self.gated:
             x, z = x.chunk(2, dim=1)
@@ -86,7 +91,7 @@ class Mlp(nn.Module):
 def _at_least_f32(t: Tensor) -> Tensor:
     # The scan's parameters stay in float32 under half / bfloat16 (as the official model keeps them), and in
     # float64 for a float64 model.
-    return t if t.dtype == torch.float64 else t.float()
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _strip_suffix(value: str, suffix: str) -> Tuple[bool, str]:
@@ -221,7 +226,7 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, d_model, H, W) -> (B, d_model, H, W)."""
         x = self.in_proj(x)
-        z = None
+        z: Optional[Tensor] = None
         if self.use_z:
             x, z = x.chunk(2, dim=1)
             if self.z_act:
@@ -499,8 +504,7 @@ class VSSM(nn.Module):
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}')
+        check_images(x, self.in_chans, 'VMamba')
 
     def _stem(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -27,10 +27,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .policy import choose_implementation
+from .policy import choose_implementation, fx_leaf_call
 from .scan_numba import run_cross_scan_kernel
 from .scan_triton import cross_selective_scan_triton
-from .selective_scan import fx_leaf_call, selective_scan
+from .selective_scan import selective_scan
 
 __all__ = ['cross_scan', 'cross_merge', 'cross_scan_index', 'cross_scan_ref', 'cross_merge_ref',
            'cross_scan_time_major', 'cross_merge_time_major', 'cross_selective_scan']
@@ -249,5 +249,5 @@ def _cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, 
     delta = torch.einsum('lbkr,kdr->lbkd', dts, dt_weight).reshape(length, batch, 4 * d_inner)
     ys = selective_scan(xs.view(length, batch, 4 * d_inner).permute(1, 2, 0), delta.permute(1, 2, 0), A,
                         B.permute(1, 2, 3, 0), C.permute(1, 2, 3, 0), D, delta_bias=delta_bias,
-                        delta_softplus=delta_softplus, backend=name)  # (batch, 4d, L), time-major memory
+                        delta_softplus=delta_softplus, backend=backend)  # (batch, 4d, L), time-major memory
     return cross_merge_time_major(ys.permute(2, 0, 1).reshape(length, batch, 4, d_inner), height, width)

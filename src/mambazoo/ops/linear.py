@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .policy import get_scan_policy, tracer_active
+from .policy import fx_leaf_call, get_scan_policy, tracer_active
 
 __all__ = ['linear', 'onednn_linear_applies', 'cpu_linear_route']
 
@@ -90,6 +90,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, gelu: bool 
     ``gelu``, ``F.gelu(F.linear(x, weight, bias))`` (the exact, erf GELU), which oneDNN applies as the GEMM writes
     its output (one pass over a 4x wider tensor less, in an MLP)."""
     if not torch.jit.is_scripting():
+        traced = fx_leaf_call(linear, (x, weight, bias, gelu), {})
+        if traced is not None:
+            return traced
         if onednn_linear_applies(x, weight, bias):
             return _onednn_linear_op()(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
     y = F.linear(x, weight, bias)

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .policy import choose_implementation
+from .policy import choose_implementation, fx_leaf_call
 from .scan_numba import run_mixer_conv_silu, run_mixer_scan
-from .selective_scan import fx_leaf_call, selective_scan
+from .selective_scan import selective_scan
 
 __all__ = ['mamba_inner_conv', 'mamba_inner_scan', 'mamba_inner_conv_ref', 'mamba_inner_scan_ref']
 
@@ -161,7 +161,7 @@ def _mamba_inner_scan(u: Tensor, deltas: List[Tensor], projections: List[Tensor]
                       delta_bias: Optional[Tensor], dt_rank: int, divide: bool, backend: Optional[str]) -> Tensor:
     name = choose_implementation((u, *deltas, *projections, xz, A, D, delta_bias), backend)
     if name != 'compiled':
-        return mamba_inner_scan_ref(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide, name)
+        return mamba_inner_scan_ref(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide, backend)
     _check_scan_args(u, deltas, projections, xz, A, D, delta_bias, dt_rank)
     bias = delta_bias if delta_bias is not None else D.new_zeros(D.shape)
     f32 = [t.float() for t in (u, *deltas, *projections, xz)]

@@ -17,17 +17,17 @@ of code, ``with scan_policy(...)``. Models never ask: they call the ops.
 import contextlib
 import dataclasses
 import os
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ['ScanPolicy', 'get_scan_policy', 'set_scan_policy', 'scan_policy', 'policy_from_environment',
-           'choose_implementation', 'tracer_active', 'exporting', 'compute_dtype', 'SCAN_BACKEND_NAMES',
+           'choose_implementation', 'tracer_active', 'exporting', 'compute_dtype', 'SCAN_BACKEND_NAMES', 'fx_leaf_call',
            'IMPLEMENTATIONS']
 
-SCAN_BACKEND_NAMES = ('auto', 'chunked', 'ref', 'parallel', 'triton')
+SCAN_BACKEND_NAMES = ['auto', 'chunked', 'ref', 'parallel', 'triton']  # grows by ``register_scan_backend``
 IMPLEMENTATIONS = ('ref', 'chunked', 'compiled', 'parallel', 'triton')
 CPU_LINEAR_ROUTES = ('auto', 'onednn', 'aten')
 
@@ -133,6 +133,19 @@ def _compiled_applies(tensors: Sequence[Optional[Tensor]]) -> bool:
             and compute_dtype(*present) == torch.float32
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
             and not tracer_active())
+
+
+def fx_leaf_call(fn: Callable, args: tuple, kwargs: dict):
+    """If an FX tracer is recording (some argument is a Proxy), record ``fn`` as one call_function node (a leaf: its
+    Python control flow is not traced) and return the node's Proxy; else None. Every op starts with it, so
+    ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` and timm's FX features trace models
+    without wrapping anything."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (list, tuple)):
+            value = next((v for v in value if isinstance(v, torch.fx.Proxy)), None)
+        if isinstance(value, torch.fx.Proxy):
+            return value.tracer.create_proxy('call_function', fn, args, kwargs)
+    return None
 
 
 def choose_implementation(tensors: Sequence[Optional[Tensor]], backend: Optional[str] = None,

@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .policy import choose_implementation, get_scan_policy, set_scan_policy
+from .policy import SCAN_BACKEND_NAMES, choose_implementation, fx_leaf_call, get_scan_policy, set_scan_policy
 from .scan_chunked import selective_scan_chunked
 from .scan_numba import scan_kernel_takes, selective_scan_compiled
 from .scan_parallel import selective_scan_parallel
@@ -24,7 +24,7 @@ from .scan_reference import selective_scan_ref
 from .scan_triton import selective_scan_triton
 
 __all__ = ['selective_scan', 'set_scan_backend', 'get_scan_backend', 'resolve_scan_backend', 'SCAN_BACKENDS',
-           'implementation_function', 'fx_leaf_call']
+           'implementation_function', 'register_scan_backend']
 
 SCAN_BACKENDS: Dict[str, Callable] = {
     'chunked': selective_scan_chunked,
@@ -53,17 +53,19 @@ def resolve_scan_backend(u: Tensor, backend: Optional[str] = None, others: Tuple
     return choose_implementation((u, *others), backend)
 
 
-def fx_leaf_call(fn: Callable, args: tuple, kwargs: dict):
-    """If an FX tracer is recording (some argument is a Proxy), record ``fn`` as one call_function node (a leaf: its
-    Python control flow is not traced) and return the node's Proxy; else None. Every op starts with it, so
-    ``torch.fx.symbolic_trace``, torchvision's ``create_feature_extractor`` and timm's FX features trace models
-    without wrapping anything."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, (list, tuple)):
-            value = next((v for v in value if isinstance(v, torch.fx.Proxy)), None)
-        if isinstance(value, torch.fx.Proxy):
-            return value.tracer.create_proxy('call_function', fn, args, kwargs)
-    return None
+def register_scan_backend(name: str, fn: Optional[Callable]) -> None:
+    """Add a scan backend (a function with ``selective_scan_ref``'s signature) that the policy may then name, as the
+    FLOP counter does; ``fn=None`` removes it."""
+    if name in ('auto', 'compiled') or (name in ('chunked', 'ref', 'parallel', 'triton')):
+        raise ValueError(f'{name!r} is a built-in backend name')
+    if fn is None:
+        SCAN_BACKENDS.pop(name, None)
+        if name in SCAN_BACKEND_NAMES:
+            SCAN_BACKEND_NAMES.remove(name)
+        return
+    SCAN_BACKENDS[name] = fn
+    if name not in SCAN_BACKEND_NAMES:
+        SCAN_BACKEND_NAMES.append(name)
 
 
 @torch.library.custom_op('mambazoo::selective_scan', mutates_args=())
