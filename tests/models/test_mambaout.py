@@ -1,13 +1,13 @@
-"""MambaOut: equal to the official model and to timm's, both key layouts, and a complete timm model.
+"""MambaOut: timm's module layout, equal to the official model and to timm's, original checkpoints converted.
 
-Golden fixtures (the official yuweihao/MambaOut code run on random weights; the official and timm 1.0.31 state_dict
-key lists of every variant) are read from ``../shared/fixtures/mambaout``. timm's own implementation is the second
-reference: the same weights must give the same outputs in timm's model and in ours. Full-size variants are only
-built on the meta device; everything that runs does so on small configurations at small resolutions.
+Golden fixtures (the official yuweihao/MambaOut code run on random weights, in the original release's key layout;
+the original and timm 1.0.31 state_dict key lists of every variant) are read from ``../shared/fixtures/mambaout``;
+original-layout checkpoints and key lists go through ``checkpoint_filter_fn`` as any release file does. timm's
+own implementation is the second reference: same keys, and the same weights give the same outputs. Full-size
+variants are only built on the meta device; everything that runs does so on small configurations at small
+resolutions.
 """
 import copy
-import functools
-import json
 import warnings
 
 import pytest
@@ -17,14 +17,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mambazoo
+from helpers import (assert_every_parameter_has_a_gradient, fixture_names, fixture_path, images, meta_model,
+                     read_fixture_json, rel_err, spy)
 from mambazoo import CheckpointMismatchError
 from mambazoo.models import MambaOut
 from mambazoo.models import mambaout as mo
 
 ORIGINAL_VARIANTS = ['femto', 'kobe', 'tiny', 'small', 'base']
-RW_VARIANTS = ['small_rw', 'base_short_rw', 'base_tall_rw', 'base_wide_rw', 'base_plus_rw']
-TIMM_ONLY = [f'mambaout_{v}' for v in RW_VARIANTS] + ['test_mambaout']  # built in timm's key layout
-ALL_NAMES = [f'mambaout_{v}' for v in ORIGINAL_VARIANTS] + TIMM_ONLY
+ORIGINAL_NAMES = [f'mambaout_{v}' for v in ORIGINAL_VARIANTS]
+RW_NAMES = [f'mambaout_{v}' for v in ['small_rw', 'base_short_rw', 'base_tall_rw', 'base_wide_rw', 'base_plus_rw']]
+ALL_NAMES = ORIGINAL_NAMES + RW_NAMES + ['test_mambaout']  # every MambaOut name timm 1.0.31 has
 PUBLISHED_MPARAMS = {'femto': 7.3, 'kobe': 9.1, 'tiny': 26.5, 'small': 48.5, 'base': 84.8}
 GOLDENS = ('golden_small_224', 'golden_convratio_160')
 
@@ -38,6 +40,9 @@ TIMM_CONFIGS = {
     'rw_tall': dict(SMALL, expansion_ratio=2.5, conv_ratio=1.25, stem_mid_norm=False, downsample='conv_nf',
                     ls_init_value=1e-6, head_fn='norm_mlp'),
 }
+# The per-weight fields of a pretrained cfg that must be timm's.
+CFG_FIELDS = ('hf_hub_id', 'num_classes', 'input_size', 'test_input_size', 'pool_size', 'crop_pct', 'test_crop_pct',
+              'crop_mode', 'interpolation', 'mean', 'std', 'first_conv', 'classifier', 'license')
 
 F32_TOL = 1e-5  # relative L2 error, float32
 F64_TOL = 1e-7  # relative L2 error, float64 vs the official float64 run
@@ -45,38 +50,12 @@ F64_TOL = 1e-7  # relative L2 error, float64 vs the official float64 run
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-@pytest.fixture(scope='module')
-def fixtures(shared_fixtures):
-    folder = shared_fixtures / 'mambaout'
-    if not folder.is_dir():
-        pytest.skip(f'MambaOut fixtures not found at {folder}')
-    return folder
-
-
-def read_json(folder, name: str) -> dict:
-    path = folder / name
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing')
-    with open(path) as f:
-        return json.load(f)
-
-
 def key_shapes(key_list: dict) -> dict:
     return {k: tuple(shape) for k, shape, _ in key_list['keys']}
 
 
 def model_key_shapes(model) -> dict:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, f'shape {tuple(got.shape)} vs expected {tuple(want.shape)}'
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).norm() / want.norm()).item()
-
-
-def images(*shape, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def randomize(model, seed: int = 0):
@@ -91,8 +70,7 @@ def randomize(model, seed: int = 0):
             else:
                 module, _, kind = key.rpartition('.')
                 scale_like = kind == 'gamma' or (kind == 'weight' and 'norm' in module.rsplit('.', 1)[-1])
-                centre = 1.0 if scale_like else 0.0
-                t.copy_(centre + 0.1 * torch.randn(t.shape, generator=gen))
+                t.copy_((1.0 if scale_like else 0.0) + 0.1 * torch.randn(t.shape, generator=gen))
     return model
 
 
@@ -101,23 +79,22 @@ def small_model(seed: int = 0, **overrides) -> MambaOut:
     return randomize(MambaOut(**dict(SMALL, **overrides)), seed)
 
 
-@functools.lru_cache(maxsize=None)
-def meta_model(name: str, **kwargs) -> torch.nn.Module:
-    """A full-size variant on the meta device (no memory, no init cost), cached across tests."""
+def timm_meta_model(name: str) -> torch.nn.Module:
     with torch.device('meta'):
-        return mambazoo.create_model(name, **kwargs)
+        return timm.create_model(name)
 
 
 @pytest.fixture(scope='module', params=GOLDENS)
-def golden(request, fixtures):
-    """(name, tensors, official-layout state, float32 model with the golden weights loaded strictly, eval)."""
+def golden(request):
+    """(name, json, tensors, original-layout state, float32 model with that state loaded through the filter)."""
     name = request.param
-    meta = read_json(fixtures, f'{name}.json')
-    tensors = load_file(str(fixtures / f'{name}.safetensors'))
+    meta = read_fixture_json('mambaout', f'{name}.json')
+    tensors = load_file(str(fixture_path('mambaout', f'{name}.safetensors')))
     state = {k[len('param.'):]: v for k, v in tensors.items() if k.startswith('param.')}
+    assert mo.detect_key_layout(state) == 'original'
     torch.manual_seed(0)
     model = MambaOut(**meta['kwargs'])
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(mo.checkpoint_filter_fn(state, model), strict=True)
     return name, meta, tensors, state, model.eval()
 
 
@@ -131,7 +108,8 @@ def test_golden_logits(golden):
 
 
 def test_golden_stages_and_features(golden):
-    """stageI = output of stages[I] (forward hook, NHWC); features = output norm of the pooled last stage."""
+    """stageI = the official stages[I] after downsample_layers[I] = our stages[I] (its downsample, then its blocks;
+    the stem before stage 0), NHWC; features = the output norm (our head.norm) of the pooled last stage."""
     name, _, t, _, model = golden
     captured = {}
     hooks = [stage.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
@@ -139,7 +117,7 @@ def test_golden_stages_and_features(golden):
     try:
         with torch.no_grad():
             feats = model.forward_features(t['input'])
-            pooled = model.norm(feats.mean((1, 2)))
+            pooled = model.head.norm(feats.mean((1, 2)))
     finally:
         for h in hooks:
             h.remove()
@@ -170,37 +148,53 @@ def test_golden_intermediates_are_the_stages(golden):
     assert rel_err(final, t['stage3']) < F32_TOL
 
 
-def test_golden_in_timm_layout(golden):
-    """The golden (official keys) loaded into a timm-layout model through load_checkpoint's automatic conversion."""
-    name, meta, t, state, model = golden
+def test_golden_release_file_loads_by_name(golden, tmp_path):
+    """An original-layout .pth (weights under 'model', as the release files) given to create_model by path."""
+    name, meta, t, state, _ = golden
+    path = tmp_path / 'release.pth'
+    torch.save({'model': state}, path)
     torch.manual_seed(1)
-    timm_layout = MambaOut(**meta['kwargs'], key_layout='timm').eval()
-    mambazoo.load_checkpoint(timm_layout, state)
+    model = mambazoo.create_model('mambaout_femto', checkpoint_path=path, **meta['kwargs']).eval()
+    assert 'stem.conv1.weight' in model.state_dict()
     with torch.no_grad():
-        got = timm_layout(t['input'])
-        torch.testing.assert_close(got, model(t['input']), rtol=0, atol=0)
-    assert rel_err(got, t['logits']) < F32_TOL
+        assert rel_err(model(t['input']), t['logits']) < F32_TOL
 
 
-# ------------------------------------------------------------------------------- 2. equal to timm's model
+def test_golden_saved_back_in_the_original_layout(golden):
+    """convert_timm_to_original gives back the golden's own state dict, keys and tensors."""
+    name, _, _, state, model = golden
+    back = mo.convert_timm_to_original(model.state_dict())
+    assert set(back) == set(state)
+    for key, value in state.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------- 2. the same model as timm's
+
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_state_dict_is_timms(name):
+    """The issue's point: in one process, mambazoo.create_model(name) and timm.create_model(name) (timm's own
+    class) have the same state_dict keys and shapes, and those of timm's key list."""
+    ours, theirs = meta_model(name), timm_meta_model(name)
+    assert type(ours) is MambaOut and type(theirs) is timm_mambaout.MambaOut
+    assert model_key_shapes(ours) == model_key_shapes(theirs)
+    listed = read_fixture_json('mambaout', f'keys_timm_{name}.json')
+    assert model_key_shapes(ours) == key_shapes(listed)
+    assert sum(p.numel() for p in ours.parameters()) == listed['num_params']
+    assert list(ours.state_dict()) == list(theirs.state_dict())  # timm's order too
+
 
 def test_femto_equals_timm_on_timm_weights(tmp_path):
-    """timm's mambaout_femto with random weights; its state dict saved as a file (timm layout, as on the hub) and
-    loaded by name into our model, which converts it to the official layout."""
-    with torch.device('meta'):  # skip timm's init of 7M parameters: randomize overwrites them all
-        reference = timm.create_model('mambaout_femto')
-    reference = randomize(reference.to_empty(device='cpu'), seed=5).eval()
-    assert type(reference) is timm_mambaout.MambaOut
+    """timm's mambaout_femto with random weights, saved as a file (as on the hub) and loaded by name into ours."""
+    reference = randomize(timm_meta_model('mambaout_femto').to_empty(device='cpu'), seed=5).eval()
     path = tmp_path / 'model.safetensors'
     save_file(reference.state_dict(), str(path))
     torch.manual_seed(1)
     ours = mambazoo.create_model('mambaout_femto', checkpoint_path=path).eval()
-    assert type(ours) is MambaOut and ours.key_layout == 'original'
     x = images(2, 3, 64, 64)
     with torch.no_grad():
         want, got = reference(x), ours(x)
         assert rel_err(got, want) < F32_TOL, f'logits relative error {rel_err(got, want):.2e}'
-        # relative to each tensor's scale: our linear layers sum in another order (oneDNN, ops/linear.py)
         assert rel_err(ours.forward_features(x), reference.forward_features(x)) < F32_TOL
         for a, b in zip(ours.forward_intermediates(x, intermediates_only=True),
                         reference.forward_intermediates(x, intermediates_only=True)):
@@ -209,88 +203,78 @@ def test_femto_equals_timm_on_timm_weights(tmp_path):
                        reference.forward_head(reference.forward_features(x), pre_logits=True)) < F32_TOL
 
 
-@pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)
 @pytest.mark.parametrize('config', sorted(TIMM_CONFIGS))
-def test_small_configs_equal_timm(config, key_layout):
+def test_small_configs_equal_timm(config):
     kwargs = TIMM_CONFIGS[config]
     torch.manual_seed(0)
     reference = randomize(timm_mambaout.MambaOut(**kwargs), seed=3).eval()
-    ours = MambaOut(**kwargs, key_layout=key_layout).eval()
-    state = reference.state_dict()
-    if key_layout == 'original':
-        state = mo.convert_timm_to_original(state)
-    ours.load_state_dict(state, strict=True)
+    ours = MambaOut(**kwargs).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
     x = images(2, 3, 64, 96)
     with torch.no_grad():
         err = rel_err(ours(x), reference(x))
-    assert err < F32_TOL, f'{config}/{key_layout}: logits relative error vs timm {err:.2e}'
+        pre = rel_err(ours.forward_head(ours.forward_features(x), pre_logits=True),
+                      reference.forward_head(reference.forward_features(x), pre_logits=True))
+    assert err < F32_TOL and pre < F32_TOL, f'{config}: relative error vs timm: logits {err:.2e}, pre-logits {pre:.2e}'
 
 
 def test_test_mambaout_equals_timm():
     torch.manual_seed(0)
     reference = randomize(timm.create_model('test_mambaout'), seed=4).eval()
     ours = mambazoo.create_model('test_mambaout').eval()
-    assert type(ours) is MambaOut and ours.key_layout == 'timm'
     ours.load_state_dict(reference.state_dict(), strict=True)
     x = images(2, 3, 48, 80)
     with torch.no_grad():
         assert rel_err(ours(x), reference(x)) < F32_TOL
 
 
-# ------------------------------------------------------------------------------- 3. key layouts and sizes
+# --------------------------------------------------------------- 3. the original layout: converted both ways
 
 @pytest.mark.parametrize('variant', ORIGINAL_VARIANTS)
-def test_converter_on_official_key_lists(variant, fixtures):
-    official = key_shapes(read_json(fixtures, f'keys_official_mambaout_{variant}.json'))
-    timm_keys = key_shapes(read_json(fixtures, f'keys_timm_mambaout_{variant}.json'))
-    assert mo.convert_original_to_timm(official) == timm_keys
-    assert mo.convert_timm_to_original(timm_keys) == official
-    assert mo.detect_key_layout(official) == 'original' and mo.detect_key_layout(timm_keys) == 'timm'
-
-
-@pytest.mark.parametrize('name', TIMM_ONLY)
-def test_converter_round_trip_on_timm_only_key_lists(name, fixtures):
-    timm_keys = key_shapes(read_json(fixtures, f'keys_timm_{name}.json'))
-    original = mo.convert_timm_to_original(timm_keys)
-    assert mo.detect_key_layout(original) == 'original'
-    assert mo.convert_original_to_timm(original) == timm_keys
-    # The official-layout build of the same configuration has exactly the converted keys.
-    assert model_key_shapes(meta_model(name, key_layout='original')) == original
-
-
-@pytest.mark.parametrize('variant', ORIGINAL_VARIANTS)
-def test_official_variants_state_dict(variant, fixtures):
-    official = read_json(fixtures, f'keys_official_mambaout_{variant}.json')
+def test_original_key_lists_through_the_filter(variant):
+    """The release's key list, converted by checkpoint_filter_fn, is exactly our model's; and back again."""
+    original = key_shapes(read_fixture_json('mambaout', f'keys_official_mambaout_{variant}.json'))
     model = meta_model(f'mambaout_{variant}')
-    want, got = key_shapes(official), model_key_shapes(model)
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    assert not missing and not extra, f'{variant}: missing {missing[:10]}, unexpected {extra[:10]}'
-    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
-    assert not wrong, f'{variant}: shapes (ours, official) differ: {dict(list(wrong.items())[:10])}'
-    assert sum(p.numel() for p in model.parameters()) == official['num_params']
+    assert mo.detect_key_layout(original) == 'original'
+    assert mo.checkpoint_filter_fn(original, model) == model_key_shapes(model)
+    assert mo.convert_timm_to_original(model_key_shapes(model)) == original
 
 
-@pytest.mark.parametrize('name', [f'mambaout_{v}' for v in ORIGINAL_VARIANTS] + TIMM_ONLY)
-def test_timm_layout_state_dict(name, fixtures):
-    """Every variant in timm's layout: the _rw ones by default, the official five with key_layout='timm'."""
-    listed = read_json(fixtures, f'keys_timm_{name}.json')
-    model = meta_model(name) if name in TIMM_ONLY else meta_model(name, key_layout='timm')
-    assert model.key_layout == 'timm'
-    assert model_key_shapes(model) == key_shapes(listed)
-    assert sum(p.numel() for p in model.parameters()) == listed['num_params']
+@pytest.mark.parametrize('name', ALL_NAMES)
+def test_round_trip_on_every_key_list(name):
+    """timm -> original -> timm is the identity on every variant's key list (the _rw layer scales included),
+    and original -> timm -> original on the release's lists."""
+    timm_keys = key_shapes(read_fixture_json('mambaout', f'keys_timm_{name}.json'))
+    original = mo.convert_timm_to_original(timm_keys)
+    assert mo.detect_key_layout(timm_keys) == 'timm' and mo.detect_key_layout(original) == 'original'
+    assert mo.convert_original_to_timm(original) == timm_keys
+    assert mo.checkpoint_filter_fn(original, None) == timm_keys
+    if name in ORIGINAL_NAMES:
+        listed = key_shapes(read_fixture_json('mambaout', f'keys_official_{name}.json'))
+        assert original == listed
+        assert mo.convert_timm_to_original(mo.convert_original_to_timm(listed)) == listed
 
 
-@pytest.mark.parametrize('variant', sorted(PUBLISHED_MPARAMS))
-def test_published_param_counts(variant):
+@pytest.mark.parametrize('variant', ORIGINAL_VARIANTS)
+def test_param_counts(variant):
     n = sum(p.numel() for p in meta_model(f'mambaout_{variant}').parameters())
+    assert n == read_fixture_json('mambaout', f'keys_official_mambaout_{variant}.json')['num_params']
     assert round(n / 1e6, 1) == PUBLISHED_MPARAMS[variant], f'{variant}: {n / 1e6:.3f}M'
 
 
-def test_every_key_fixture_is_covered(fixtures):
-    found = {p.name for p in fixtures.glob('keys_*.json')}
-    want = ({f'keys_official_mambaout_{v}.json' for v in ORIGINAL_VARIANTS}
-            | {f'keys_timm_{n}.json' for n in ALL_NAMES})
-    assert found == want
+def test_every_key_fixture_is_covered():
+    assert fixture_names('mambaout', 'keys_official_mambaout_') == set(ORIGINAL_VARIANTS)
+    assert fixture_names('mambaout', 'keys_timm_') == set(ALL_NAMES)
+
+
+def test_filter_keeps_timm_checkpoints_and_unwraps_release_files():
+    timm_state = {'stem.conv1.weight': 1, 'stages.1.downsample.conv.weight': 2, 'head.fc.bias': 3}
+    assert mo.checkpoint_filter_fn(timm_state, None) == timm_state
+    release = {'model': {'downsample_layers.0.conv1.weight': 1, 'stages.0.0.fc1.weight': 2, 'norm.weight': 3,
+                         'head.fc1.weight': 4, 'head.norm.bias': 5, 'head.fc2.bias': 6}}
+    assert mo.checkpoint_filter_fn(release, None) == {
+        'stem.conv1.weight': 1, 'stages.0.blocks.0.fc1.weight': 2, 'head.norm.weight': 3,
+        'head.pre_logits.fc.weight': 4, 'head.pre_logits.norm.bias': 5, 'head.fc.bias': 6}
 
 
 def test_converter_errors_and_passthrough():
@@ -302,66 +286,83 @@ def test_converter_errors_and_passthrough():
     assert loose == {'stem.conv1.weight': 1, 'stages.0.blocks.0.fc1.weight': 2, 'head.norm.weight': 3,
                      'head.fc.bias': 4, 'extra.thing': 5}
     with pytest.raises(ValueError, match='stages.0.0.fc1.weight'):
-        mo.convert_timm_to_original({'stages.0.0.fc1.weight': 1})  # already official: not a timm key
+        mo.convert_timm_to_original({'stages.0.0.fc1.weight': 1})  # already original: not a timm key
     with pytest.raises(ValueError, match='two keys'):  # a mix of both layouts
         mo.convert_timm_to_original({'stages.0.blocks.0.fc1.weight': 1, 'stages.0.0.fc1.weight': 2}, strict=False)
     assert mo.detect_key_layout({'patch_embed.conv.weight': 1}) is None
     assert mo.detect_key_layout({'stem.conv1.weight': 1, 'downsample_layers.1.conv.weight': 2}) is None
 
 
-def test_load_checkpoint_converts_timm_layout_and_rejects_another_variant():
-    source = small_model(seed=2, key_layout='timm').eval()
+def test_load_checkpoint_converts_the_original_layout_and_rejects_another_variant():
+    source = small_model(seed=2).eval()
     target = small_model(seed=3).eval()
     x = images(1, 3, 64, 64)
+    original = mo.convert_timm_to_original(source.state_dict())
     with torch.no_grad():
         assert rel_err(target(x), source(x)) > 1e-3
-        mambazoo.load_checkpoint(target, source.state_dict())  # timm keys into the official layout
+        mambazoo.load_checkpoint(target, original)
         torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
     other = small_model(depths=[1, 1, 3, 1])
-    with pytest.raises(CheckpointMismatchError, match='stages.2.2'):
-        mambazoo.load_checkpoint(other, source.state_dict())
+    with pytest.raises(CheckpointMismatchError, match='stages.2.blocks.2'):
+        mambazoo.load_checkpoint(other, original)
 
 
-# ----------------------------------------------------------------------------------------------- 4. names
+# ----------------------------------------------------------------------------------- 4. names and configs
 
 @pytest.mark.parametrize('name', ALL_NAMES)
 def test_names_ours_in_mambazoo_timms_in_timm(name):
     """timm owns mambaout_*: mambazoo.create_model builds ours, timm.create_model still builds timm's."""
     assert mambazoo.is_model(name)
-    assert type(meta_model(name)) is MambaOut
     assert meta_model(name).pretrained_cfg['architecture'] == name
-    assert timm.models.is_model(name)
     assert timm.models.model_entrypoint(name).__module__ == 'timm.models.mambaout'  # not overwritten by ours
 
 
-def test_timm_create_model_still_builds_timms_model():
-    with torch.device('meta'):
-        theirs = timm.create_model('mambaout_tiny')
-        ours = mambazoo.create_model('mambaout_tiny')
-    assert type(theirs) is timm_mambaout.MambaOut and type(ours) is MambaOut
-    assert 'stem.conv1.weight' in theirs.state_dict() and 'downsample_layers.0.conv1.weight' in ours.state_dict()
-
-
-def test_list_models_and_tags():
+def test_list_models():
     assert mambazoo.list_models('mambaout*') == sorted(n for n in ALL_NAMES if n.startswith('mambaout'))
-    assert 'test_mambaout' in mambazoo.list_models('test_mambaout')
-    assert mambazoo.models.resolve_name('mambaout_femto.in1k') == 'mambaout_femto'  # timm's tagged names
+    assert mambazoo.list_models('test_mambaout') == ['test_mambaout']
+
+
+def _timm_tags():
+    tagged = timm.list_pretrained('mambaout*')
+    assert len(tagged) == 12
+    return tagged + ['test_mambaout']
+
+
+@pytest.mark.parametrize('name_tag', _timm_tags())
+def test_pretrained_cfg_per_tag_is_timms(name_tag):
+    ours = mambazoo.get_pretrained_cfg(name_tag)
+    theirs = timm.models.get_pretrained_cfg(name_tag).to_dict()
+    diff = {f: (ours.get(f), theirs.get(f)) for f in CFG_FIELDS if ours.get(f) != theirs.get(f)}
+    assert not diff, f'{name_tag}: (ours, timm) differ: {diff}'
+    assert ours['architecture'] == name_tag.split('.')[0]
+
+
+def test_default_tags_and_release_files():
+    for name in ALL_NAMES:
+        assert mambazoo.get_pretrained_cfg(name) == mambazoo.get_pretrained_cfg(
+            f'{name}.{timm.models.get_pretrained_cfg(name).tag}' if name != 'test_mambaout' else name), name
+    for name in ORIGINAL_NAMES:  # the release's file besides timm's hub copy
+        cfg = mambazoo.get_pretrained_cfg(name)
+        assert cfg['url'] == f'https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth'
+        assert cfg['tag'] == 'in1k' and cfg['hf_hub_id'] == f'timm/{name}.in1k'
+    assert not mambazoo.get_pretrained_cfg('test_mambaout').get('url')
+    with pytest.raises(ValueError, match='sw_e150_in12k_ft_in1k'):
+        mambazoo.get_pretrained_cfg('mambaout_base_plus_rw.in1k')
+
+
+def test_tag_builds_with_its_cfg():
+    with torch.device('meta'):
+        in12k = mambazoo.create_model('mambaout_base_plus_rw.sw_e150_in12k')
+        r384 = mambazoo.create_model('mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k')
+    assert in12k.num_classes == 11821 and in12k.get_classifier().out_features == 11821
+    assert r384.pretrained_cfg['input_size'] == (3, 384, 384) and r384.pretrained_cfg['crop_mode'] == 'squash'
+    assert r384.pretrained_cfg['tag'] == 'sw_e150_r384_in12k_ft_in1k' and r384.num_classes == 1000
 
 
 @pytest.mark.parametrize('name', ALL_NAMES)
-def test_pretrained_cfgs(name):
+def test_cfg_names_modules_of_the_model(name):
     model = meta_model(name)
     cfg = model.pretrained_cfg
-    variant = name[len('mambaout_'):]
-    if variant in ORIGINAL_VARIANTS:
-        assert cfg['url'] == f'https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth'
-        assert cfg['hf_hub_id'] == f'timm/{name}.in1k'
-    elif name == 'test_mambaout':
-        assert not cfg.get('hf_hub_id') and not cfg.get('url')
-    else:
-        assert cfg['hf_hub_id'] == f'timm/{name}.{timm.models.get_pretrained_cfg(name).tag}'
-    if cfg.get('hf_hub_id'):
-        assert cfg['hf_hub_filename'] == 'model.safetensors'
     assert isinstance(model.get_submodule(cfg['first_conv']), torch.nn.Conv2d)
     classifier = model.get_submodule(cfg['classifier'])
     assert classifier is model.get_classifier()
@@ -370,9 +371,9 @@ def test_pretrained_cfgs(name):
 
 # ------------------------------------------------------------------------------------- 5. timm model surface
 
-@pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)
-def test_forward_features_and_head(key_layout):
-    model = small_model(key_layout=key_layout).eval()
+@pytest.mark.parametrize('config', ['official', 'rw_wide'])
+def test_forward_features_and_head(config):
+    model = small_model(**TIMM_CONFIGS[config]).eval()
     x = images(2, 3, 64, 96)
     with torch.no_grad():
         feats = model.forward_features(x)
@@ -385,8 +386,9 @@ def test_forward_features_and_head(key_layout):
         torch.testing.assert_close(logits, model.get_classifier()(pre))
 
 
-def test_reset_classifier():
-    model = small_model().eval()
+@pytest.mark.parametrize('config', ['official', 'rw_wide'])
+def test_reset_classifier(config):
+    model = small_model(**TIMM_CONFIGS[config]).eval()
     x = images(2, 3, 64, 64)
     model.reset_classifier(0)
     assert isinstance(model.get_classifier(), torch.nn.Identity) and model.num_classes == 0
@@ -397,10 +399,17 @@ def test_reset_classifier():
     with torch.no_grad():
         assert model(x).shape == (2, 5)
         model.reset_classifier(0, global_pool='', reset_other=True)
-        assert model(x).shape == (2, 2, 2, 32)
+        assert model.global_pool == '' and model(x).shape == (2, 2, 2, 32) and model.head_hidden_size == 32
         torch.testing.assert_close(model(x), model.forward_features(x))
     with pytest.raises(ValueError, match='global_pool'):
         model.reset_classifier(3, global_pool='max')
+
+
+def test_reset_classifier_keeps_device_dtype_and_mode():
+    model = small_model().double().eval()
+    model.reset_classifier(4)
+    fc = model.get_classifier()
+    assert fc.weight.dtype == torch.float64 and not fc.training
 
 
 def test_forward_intermediates():
@@ -435,9 +444,8 @@ def test_forward_intermediates():
             model.forward_intermediates(x, output_fmt='NLC')
 
 
-@pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)
-def test_features_only(key_layout):
-    kwargs = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32], key_layout=key_layout)
+def test_features_only():
+    kwargs = dict(depths=[1, 1, 1, 1], dims=[8, 16, 24, 32])
     torch.manual_seed(0)
     feat_model = mambazoo.create_model('mambaout_femto', features_only=True, out_indices=(1, 2), **kwargs).eval()
     torch.manual_seed(0)
@@ -455,16 +463,14 @@ def test_features_only(key_layout):
         torch.testing.assert_close(f, w)
 
 
-@pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)
-def test_prune_intermediate_layers(key_layout):
-    model = small_model(key_layout=key_layout).eval()
+@pytest.mark.parametrize('config', ['official', 'rw_wide'])
+def test_prune_intermediate_layers(config):
+    model = small_model(**TIMM_CONFIGS[config]).eval()
     x = images(1, 3, 64, 64)
     with torch.no_grad():
         want = model.forward_intermediates(x, intermediates_only=True)
         assert model.prune_intermediate_layers([0, 1]) == [0, 1]
         assert len(model.stages) == 2 and model.num_features == 16 and model.num_classes == 0
-        if key_layout == 'original':
-            assert len(model.downsample_layers) == 2
         got = model.forward_intermediates(x, intermediates_only=True)
         assert len(got) == 2
         for a, b in zip(got, want[:2]):
@@ -472,9 +478,8 @@ def test_prune_intermediate_layers(key_layout):
         assert model(x).shape == (1, 8, 8, 16)  # head gone: the unpooled last kept map
 
 
-@pytest.mark.parametrize('key_layout', mo.KEY_LAYOUTS)
-def test_grad_checkpointing_same_output_and_grads(monkeypatch, key_layout):
-    model = small_model(key_layout=key_layout, ls_init_value=0.5).train()
+def test_grad_checkpointing_same_output_and_grads(monkeypatch):
+    model = small_model(ls_init_value=0.5).train()
     x = images(2, 3, 32, 32)
     weights = images(2, 10, seed=7)
 
@@ -486,9 +491,7 @@ def test_grad_checkpointing_same_output_and_grads(monkeypatch, key_layout):
         return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     out0, gx0, g0 = run()
-    calls = []
-    real = mo.checkpoint_seq
-    monkeypatch.setattr(mo, 'checkpoint_seq', lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    calls = spy(monkeypatch, mo, 'checkpoint_seq')
     model.set_grad_checkpointing(True)
     out1, gx1, g1 = run()
     assert len(calls) == 4, 'set_grad_checkpointing(True) did not checkpoint every stage'
@@ -505,16 +508,13 @@ def test_grad_checkpointing_same_output_and_grads(monkeypatch, key_layout):
 
 @pytest.mark.parametrize('coarse', [False, True], ids=['fine', 'coarse'])
 def test_group_matcher_matches_timm(coarse):
-    """Parameter groups (layer decay) as timm's model forms them, in both key layouts."""
+    """Parameter groups (layer decay) as timm's model forms them."""
     kwargs = dict(SMALL, depths=[2, 1, 3, 2])
     reference = timm_mambaout.MambaOut(**kwargs)
+    model = MambaOut(**kwargs)
     want = timm.models.group_parameters(reference, reference.group_matcher(coarse))
-    for key_layout in mo.KEY_LAYOUTS:
-        model = MambaOut(**kwargs, key_layout=key_layout)
-        got = timm.models.group_parameters(model, model.group_matcher(coarse))
-        if key_layout == 'original':
-            got = {g: sorted(mo.convert_original_to_timm(dict.fromkeys(names))) for g, names in got.items()}
-        assert {g: sorted(n) for g, n in got.items()} == {g: sorted(n) for g, n in want.items()}, key_layout
+    got = timm.models.group_parameters(model, model.group_matcher(coarse))
+    assert {g: sorted(n) for g, n in got.items()} == {g: sorted(n) for g, n in want.items()}
     assert len(want) == (6 if coarse else 2 + sum(kwargs['depths']))
 
 
@@ -523,7 +523,7 @@ def test_no_weight_decay_patterns():
     model = small_model(ls_init_value=1e-6)
     patterns = model.no_weight_decay()
     skipped = {n for n, _ in model.named_parameters() if any(fnmatch.fnmatch(n, p) for p in patterns)}
-    assert 'norm.weight' in skipped and 'stages.0.0.ls.gamma' in skipped and 'stages.0.0.norm.bias' in skipped
+    assert {'head.norm.weight', 'stages.0.blocks.0.ls.gamma', 'stages.0.blocks.0.norm.bias'} <= skipped
     assert not any(n.endswith(('fc1.weight', 'fc2.weight', 'conv.weight', 'conv1.weight')) for n in skipped)
 
 
@@ -563,18 +563,18 @@ def test_bad_inputs_raise(shape):
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match='key_layout'):
-        MambaOut(**SMALL, key_layout='hf')
     with pytest.raises(ValueError, match='conv_ratio'):
         MambaOut(**SMALL, conv_ratio=3.0)  # more conv channels than the hidden width
     with pytest.raises(ValueError, match='one entry per stage'):
         MambaOut(depths=[1, 1], dims=[8, 16, 24])
     with pytest.raises(ValueError, match="'conv' or 'conv_nf'"):
         MambaOut(**SMALL, downsample='pool')
-    with pytest.raises(ValueError, match='custom head'):
-        MambaOut(**SMALL, head_fn=torch.nn.Linear, key_layout='timm')
     with pytest.raises(ValueError, match='head_fn'):
         MambaOut(**SMALL, head_fn='linear')
+    with pytest.raises(ValueError, match='head_fn'):
+        MambaOut(**SMALL, head_fn=torch.nn.Linear)  # a custom head has no place in timm's layout
+    with pytest.raises(ValueError, match='global_pool'):
+        MambaOut(**SMALL, global_pool='max')
     with pytest.warns(UserWarning, match='layer_scale_init'):
         MambaOut(**SMALL, layer_scale_init=1.0)
 
@@ -585,42 +585,37 @@ def test_bad_arguments_raise():
 def test_gradients_reach_every_parameter(config):
     torch.manual_seed(0)
     model = randomize(MambaOut(**TIMM_CONFIGS[config])).train()
-    x = images(2, 3, 32, 32)
-    out = model(x)
+    out = model(images(2, 3, 32, 32))
     (out * images(*out.shape, seed=3)).sum().backward()
-    params = dict(model.named_parameters())
     if config == 'rw_wide':
-        assert any(n.endswith('ls.gamma') for n in params)
-    none = [n for n, p in params.items() if p.grad is None]
-    zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
-    nonfinite = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    assert not none and not zero and not nonfinite, f'no grad {none}, zero {zero}, non-finite {nonfinite}'
+        assert any(n.endswith('ls.gamma') for n, _ in model.named_parameters())
+    assert_every_parameter_has_a_gradient(model)
 
 
 # ------------------------------------------------------------------ 8. official constructor arguments
 
 def test_official_constructor_arguments():
-    """The official arguments: downsample_layers given as classes, a custom head_fn, int depths/dims."""
+    """The official arguments: downsample_layers given as classes (the first one becomes the stem), the official
+    head class as head_fn, int depths/dims."""
     torch.manual_seed(0)
     model = MambaOut(in_chans=1, num_classes=7, depths=[1, 1], dims=[8, 16],
-                     downsample_layers=mo.DOWNSAMPLE_LAYERS_FOUR_STAGES, head_fn=torch.nn.Linear,
-                     head_dropout=0.0).eval()
-    assert set(model.state_dict()) >= {'downsample_layers.0.norm1.weight', 'downsample_layers.1.conv.weight',
-                                       'stages.1.0.fc2.weight', 'norm.weight', 'head.weight'}
+                     downsample_layers=mo.DOWNSAMPLE_LAYERS_FOUR_STAGES, head_fn=mo.MlpHead, head_dropout=0.0).eval()
+    assert set(model.state_dict()) >= {'stem.norm1.weight', 'stages.1.downsample.conv.weight',
+                                       'stages.1.blocks.0.fc2.weight', 'head.norm.weight', 'head.fc.weight'}
     with torch.no_grad():
         out = model(images(2, 1, 40, 24))
         pre = model.forward_head(model.forward_features(images(2, 1, 40, 24)), pre_logits=True)
-    assert out.shape == (2, 7) and pre.shape == (2, 16)
-    torch.testing.assert_close(out, model.head(pre))
+    assert out.shape == (2, 7) and pre.shape == (2, 64)
+    torch.testing.assert_close(out, model.head.fc(pre))
     one_stage = MambaOut(depths=2, dims=8, num_classes=3)
-    assert one_stage(images(1, 3, 16, 16)).shape == (1, 3) and len(one_stage.stages[0]) == 2
+    assert one_stage(images(1, 3, 16, 16)).shape == (1, 3) and len(one_stage.stages[0].blocks) == 2
 
 
 def test_one_channel_no_classifier_by_name():
     torch.manual_seed(0)
     model = mambazoo.create_model('mambaout_femto', in_chans=1, num_classes=0, depths=[1, 1, 1, 1],
                                   dims=[8, 16, 24, 32]).eval()
-    assert model.downsample_layers[0].conv1.weight.shape == (4, 1, 3, 3)
+    assert model.stem.conv1.weight.shape == (4, 1, 3, 3)
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     with torch.no_grad():
         out = model(images(2, 1, 64, 64))

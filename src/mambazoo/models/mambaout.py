@@ -2,20 +2,16 @@
 
 Paper: "MambaOut: Do We Really Need Mamba for Vision?", Weihao Yu & Xinchao Wang, CVPR 2025
 (https://arxiv.org/abs/2405.07992). Official code and weights: yuweihao/MambaOut (Apache-2.0); timm 1.0.31
-ships the same network under another key layout plus Ross Wightman's ``_rw`` variants. This is an independent
-implementation that builds either key layout and computes the official forward pass.
+ships the same network under its own module names, plus Ross Wightman's ``_rw`` variants. This is an independent
+implementation in timm's module layout, the one the hub weights use: ``stem``, ``stages.{i}.downsample``,
+``stages.{i}.blocks.{j}``, ``head.norm``, ``head.pre_logits.{fc,norm}``, ``head.fc``.
 
 Layout: a two-conv stem (stride 4) and a 3x3 stride-2 conv + LayerNorm before each later stage; each stage is a
 stack of gated CNN blocks that work channels-last (B, H, W, C); the head pools, normalises and runs an MLP.
 
-Two key layouts, one network (``key_layout``):
-- 'original' (the release .pth files): ``downsample_layers.{i}``, ``stages.{i}.{j}``, ``norm``,
-  ``head.{fc1,norm,fc2}``.
-- 'timm' (timm's hub weights): ``stem``, ``stages.{i}.downsample``, ``stages.{i}.blocks.{j}``,
-  ``head.norm``, ``head.pre_logits.{fc,norm}``, ``head.fc``.
-``convert_original_to_timm`` / ``convert_timm_to_original`` map one onto the other, and ``checkpoint_filter_fn``
-converts a checkpoint to the layout of the model it is loaded into. The five official variants build the
-original layout; the ``_rw`` variants (whose layer-scale keys have no original name) build timm's.
+The original release's checkpoints (``downsample_layers.{i}``, ``stages.{i}.{j}``, ``norm``,
+``head.{fc1,norm,fc2}``) are renamed by ``checkpoint_filter_fn`` when they are loaded; ``convert_timm_to_original``
+is the way back, for saving a model in the original layout.
 """
 import re
 import warnings
@@ -26,19 +22,21 @@ import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm, LayerScale, calculate_drop_path_rates, get_act_layer, trunc_normal_
+from timm.layers import (ClNormMlpClassifierHead, DropPath, LayerNorm, LayerScale, calculate_drop_path_rates,
+                         get_act_layer, get_device_dtype, trunc_normal_)
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ._builder import build_model, register_model
+from ._blocks import check_images
+from ._builder import build_model, generate_default_cfgs, register_model
 
 __all__ = [
     'MambaOut', 'GatedCNNBlock', 'MlpHead', 'convert_original_to_timm', 'convert_timm_to_original',
     'detect_key_layout', 'checkpoint_filter_fn',
 ]
 
-KEY_LAYOUTS = ('original', 'timm')
 LayerFn = Callable[..., nn.Module]
+GLOBAL_POOLS = ('avg', '')
 
 
 class Stem(nn.Module):
@@ -79,6 +77,8 @@ class Downsample(nn.Module):
     """3x3 stride-2 conv between stages, channels-last in and out, with a LayerNorm after it (official) or
     before it (``norm_first``: timm's 'conv_nf', used by the ``_rw`` variants)."""
 
+    norm_first: torch.jit.Final[bool]
+
     def __init__(self, in_channels: int, out_channels: int, norm_layer: LayerFn = LayerNorm, norm_first: bool = False):
         super().__init__()
         self.norm_first = norm_first
@@ -95,11 +95,77 @@ class Downsample(nn.Module):
         return x if self.norm_first else self.norm(x)
 
 
+class MlpHead(nn.Module):
+    """The official classifier on channels-last maps: pool -> norm -> fc -> act -> norm -> dropout -> fc.
+
+    The official code keeps the first norm outside its head (``norm``) and names the rest ``head.fc1``,
+    ``head.norm``, ``head.fc2``; timm's names, used here, are ``head.norm``, ``head.pre_logits.{fc,norm}``,
+    ``head.fc``.
+
+    Args:
+        in_features: channels of the last stage.
+        num_classes: outputs (0: no classifier, ``forward`` returns the hidden features).
+        pool_type: 'avg' (global average over H and W) or '' (the head runs at every position).
+        act_layer: activation of the MLP.
+        mlp_ratio: hidden / in_features.
+        norm_layer: norm of the pooled features.
+        mlp_norm_layer: norm after the activation (None: ``norm_layer``).
+        drop_rate: dropout before the classifier.
+        bias: bias in the classifier.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int = 1000,
+            pool_type: str = 'avg',
+            act_layer: LayerFn = nn.GELU,
+            mlp_ratio: float = 4,
+            norm_layer: LayerFn = LayerNorm,
+            mlp_norm_layer: Optional[LayerFn] = None,
+            drop_rate: float = 0.,
+            bias: bool = True,
+    ):
+        super().__init__()
+        hidden = int(mlp_ratio * in_features)
+        self.pool_type = pool_type
+        self.in_features = in_features
+        self.num_features = hidden
+        self.bias = bias
+        self.norm = norm_layer(in_features)
+        self.pre_logits = nn.Sequential(OrderedDict([
+            ('fc', nn.Linear(in_features, hidden)),
+            ('act', act_layer()),
+            ('norm', (mlp_norm_layer or norm_layer)(hidden)),
+        ]))
+        self.head_dropout = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(hidden, num_classes, bias=bias) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, reset_other: bool = False,
+              in_features: Optional[int] = None) -> None:
+        """New classifier; ``reset_other`` also drops the norm and the MLP (the head becomes a linear classifier)."""
+        if pool_type is not None:
+            self.pool_type = pool_type
+        if reset_other:
+            self.norm, self.pre_logits = nn.Identity(), nn.Identity()
+            self.num_features = self.in_features = in_features or self.in_features
+        dd = get_device_dtype(self)
+        self.fc = nn.Linear(self.num_features, num_classes, bias=self.bias, **dd) if num_classes > 0 else nn.Identity()
+        self.fc.train(self.training)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.pool_type == 'avg':
+            x = x.mean((1, 2))
+        x = self.head_dropout(self.pre_logits(self.norm(x)))
+        return x if pre_logits else self.fc(x)
+
+
 class GatedCNNBlock(nn.Module):
     """Gated CNN block on channels-last maps: x + fc2(act(g) * [i, dwconv(c)]) with (g, i, c) = fc1(norm(x)).
 
     fc1 gives 2 * hidden channels: the gate g (hidden), then i and c (hidden together); only the last
     int(conv_ratio * dim) channels c go through the depthwise conv (a partial conv, as in InceptionNeXt).
+    (timm calls this block GatedConvBlock; the official code GatedCNNBlock.)
 
     Args:
         dim: channels.
@@ -147,109 +213,32 @@ class GatedCNNBlock(nn.Module):
         return self.drop_path(self.ls(x)) + shortcut
 
 
-class MlpHead(nn.Module):
-    """The official classifier on pooled, normalised features: fc1 -> act -> norm -> dropout -> fc2.
+class MambaOutStage(nn.Module):
+    """One stage, channels-last: its downsample layer (None: Identity, stage 0, after the model's stem), then
+    ``depth`` gated CNN blocks.
 
     Args:
-        dim: input features.
-        num_classes: outputs (0: no classifier, ``forward`` returns the hidden features).
-        act_layer: activation.
-        mlp_ratio: hidden / dim.
-        norm_layer: norm after the activation (None: none, timm's 'norm_mlp' head of the ``_rw`` variants).
-        head_dropout: dropout before fc2.
-        bias: biases in fc1 and fc2.
+        dim: channels of the blocks.
+        depth: number of blocks.
+        downsample: the layer before the blocks (None: none).
+        drop_path: stochastic depth per block (one value for all, or one per block).
+        **block_kwargs: the blocks' other arguments (``GatedCNNBlock``).
     """
 
     def __init__(
             self,
             dim: int,
-            num_classes: int = 1000,
-            act_layer: LayerFn = nn.GELU,
-            mlp_ratio: float = 4,
-            norm_layer: Optional[LayerFn] = LayerNorm,
-            head_dropout: float = 0.,
-            bias: bool = True,
+            depth: int,
+            downsample: Optional[nn.Module] = None,
+            drop_path: Union[float, Sequence[float]] = 0.,
+            **block_kwargs: Any,
     ):
         super().__init__()
-        self.in_features = dim
-        self.num_features = int(mlp_ratio * dim)
-        self.bias = bias
-        self.fc1 = nn.Linear(dim, self.num_features, bias=bias)
-        self.act = act_layer()
-        self.norm = norm_layer(self.num_features) if norm_layer is not None else nn.Identity()
-        self.head_dropout = nn.Dropout(head_dropout)
-        self.fc2 = _classifier(self.num_features, num_classes, bias)
-
-    def reset(self, num_classes: int, reset_other: bool = False, in_features: Optional[int] = None) -> None:
-        """New classifier; ``reset_other`` also drops fc1/act/norm (the head becomes a linear classifier)."""
-        if reset_other:
-            self.fc1, self.act, self.norm = nn.Identity(), nn.Identity(), nn.Identity()
-            self.num_features = self.in_features = in_features or self.in_features
-        self.fc2 = _classifier(self.num_features, num_classes, self.bias, like=self.head_dropout, ref=self)
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_dropout(self.norm(self.act(self.fc1(x))))
-        return x if pre_logits else self.fc2(x)
-
-
-class NormMlpHead(nn.Module):
-    """The same head in timm's key layout, with the output norm inside: norm -> pre_logits (fc -> act -> [norm])
-    -> dropout -> fc. ``mid_norm_layer=None`` is timm's 'norm_mlp' head."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_classes: int = 1000,
-            act_layer: LayerFn = nn.GELU,
-            mlp_ratio: float = 4,
-            norm_layer: LayerFn = LayerNorm,
-            mid_norm_layer: Optional[LayerFn] = LayerNorm,
-            head_dropout: float = 0.,
-    ):
-        super().__init__()
-        self.in_features = dim
-        self.num_features = int(mlp_ratio * dim)
-        self.norm = norm_layer(dim)
-        layers = OrderedDict([('fc', nn.Linear(dim, self.num_features)), ('act', act_layer())])
-        if mid_norm_layer is not None:
-            layers['norm'] = mid_norm_layer(self.num_features)
-        self.pre_logits = nn.Sequential(layers)
-        self.head_dropout = nn.Dropout(head_dropout)
-        self.fc = _classifier(self.num_features, num_classes)
-
-    def reset(self, num_classes: int, reset_other: bool = False, in_features: Optional[int] = None) -> None:
-        """New classifier; ``reset_other`` also drops the norm and the MLP (the head becomes a linear classifier)."""
-        if reset_other:
-            self.norm, self.pre_logits = nn.Identity(), nn.Identity()
-            self.num_features = self.in_features = in_features or self.in_features
-        self.fc = _classifier(self.num_features, num_classes, like=self.head_dropout, ref=self)
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.head_dropout(self.pre_logits(self.norm(x)))
-        return x if pre_logits else self.fc(x)
-
-
-def _classifier(in_features: int, num_classes: int, bias: bool = True, like: Optional[nn.Module] = None,
-                ref: Optional[nn.Module] = None) -> nn.Module:
-    """Linear classifier (or Identity for 0 classes), on the device/dtype and in the train mode of ``ref``."""
-    if num_classes <= 0:
-        return nn.Identity()
-    param = next(ref.parameters(), None) if ref is not None else None
-    fc = nn.Linear(in_features, num_classes, bias=bias,
-                   device=param.device if param is not None else None, dtype=param.dtype if param is not None else None)
-    if like is not None:
-        fc.train(like.training)
-    return fc
-
-
-class MambaOutStage(nn.Module):
-    """One stage in timm's key layout: the downsample (Identity in stage 0, whose stem is the model's) + blocks."""
-
-    def __init__(self, downsample: nn.Module, blocks: nn.Sequential):
-        super().__init__()
-        self.downsample = downsample
-        self.blocks = blocks
         self.grad_checkpointing = False
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        drop_path = list(drop_path) if isinstance(drop_path, (list, tuple)) else [drop_path] * depth
+        self.blocks = nn.Sequential(*[GatedCNNBlock(dim, drop_path=drop_path[j], **block_kwargs)
+                                      for j in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.downsample(x)
@@ -263,7 +252,8 @@ DOWNSAMPLE_LAYERS_FOUR_STAGES: List[LayerFn] = [Stem] + [Downsample] * 3
 
 
 class MambaOut(nn.Module):
-    """MambaOut. The official constructor arguments (names and defaults), plus timm's for its ``_rw`` variants.
+    """MambaOut in timm's module layout. The official constructor arguments (names and defaults), plus timm's for
+    its ``_rw`` variants.
 
     The body works channels-last: ``forward_features`` returns (B, H/32, W/32, C) (``output_fmt`` 'NHWC', as
     timm), ``forward_intermediates`` and ``features_only`` give NCHW maps unless asked for NHWC.
@@ -275,17 +265,17 @@ class MambaOut(nn.Module):
         dims: channels per stage.
         downsample_layers: callables ``(in_channels, out_channels) -> module`` for the layer before each stage,
             or one callable for all (the official argument; they are built with their own default norm and
-            activation, as the official code does). None: a ``Stem`` and ``Downsample`` layers built from
-            ``norm_layer``, ``act_layer``, ``stem_mid_norm`` and ``downsample`` (as timm does).
-        norm_layer: norm of the blocks, the downsample layers and inside the head.
+            activation, as the official code does). The first becomes ``stem``, the others
+            ``stages.{i}.downsample``. None: a ``Stem`` and ``Downsample`` layers built from ``norm_layer``,
+            ``act_layer``, ``stem_mid_norm`` and ``downsample`` (as timm does).
+        norm_layer: norm of the blocks, the downsample layers and inside the head's MLP.
         act_layer: activation of the blocks and the stem (a class or a timm name such as 'silu').
         conv_ratio: share of the channels that go through the depthwise conv.
         kernel_size: depthwise conv kernel.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
-        output_norm: norm of the pooled features before the head.
-        head_fn: 'mlp' (or ``MlpHead``, the official head), 'norm_mlp' (timm's head without the norm inside the
-            MLP), or a callable ``(dim, num_classes[, head_dropout=])`` building a head on the normalised pooled
-            features (original key layout only).
+        output_norm: norm of the pooled features, the first layer of the head (``head.norm``).
+        head_fn: 'default' (or 'mlp', or the official ``MlpHead``: fc -> act -> norm -> fc) or 'norm_mlp'
+            (timm's ``_rw`` head, without the norm inside the MLP).
         head_dropout: dropout before the classifier.
         expansion_ratio: hidden width of the blocks / dim (timm's argument; the official code fixes 8/3).
         stem_mid_norm: norm between the stem's convs (timm's argument; False in the ``_rw`` variants).
@@ -293,7 +283,6 @@ class MambaOut(nn.Module):
         ls_init_value: layer scale in every block with this initial value (timm's ``_rw`` variants); None: none.
         global_pool: 'avg', or '' for a head applied to every position of an unpooled map.
         drop_rate: timm's name for ``head_dropout`` (timm's training script passes it).
-        key_layout: 'original' (official state_dict keys) or 'timm' (timm's keys); the same network either way.
     """
 
     def __init__(
@@ -309,7 +298,7 @@ class MambaOut(nn.Module):
             kernel_size: int = 7,
             drop_path_rate: float = 0.,
             output_norm: LayerFn = LayerNorm,
-            head_fn: Union[str, LayerFn] = 'mlp',
+            head_fn: Union[str, LayerFn] = 'default',
             head_dropout: float = 0.,
             expansion_ratio: float = 8 / 3,
             stem_mid_norm: bool = True,
@@ -317,7 +306,6 @@ class MambaOut(nn.Module):
             ls_init_value: Optional[float] = None,
             global_pool: str = 'avg',
             drop_rate: Optional[float] = None,
-            key_layout: str = 'original',
             **kwargs: Any,
     ):
         super().__init__()
@@ -327,16 +315,11 @@ class MambaOut(nn.Module):
         depths = [depths] if isinstance(depths, int) else list(depths)
         dims = [dims] if isinstance(dims, int) else list(dims)
         head_kind = _head_kind(head_fn)
-        if key_layout not in KEY_LAYOUTS:
-            raise ValueError(f'key_layout must be one of {KEY_LAYOUTS}, got {key_layout!r}')
         if len(depths) != len(dims) or not depths:
             raise ValueError(f'depths and dims need one entry per stage; got depths={depths}, dims={dims}')
         if downsample not in ('conv', 'conv_nf'):
             raise ValueError(f"downsample must be 'conv' or 'conv_nf', got {downsample!r}")
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        if head_kind == 'custom' and key_layout == 'timm':
-            raise ValueError("key_layout='timm' has keys only for head_fn 'mlp' or 'norm_mlp', not a custom head")
+        _check_pool(global_pool)
         if downsample_layers is not None and (not stem_mid_norm or downsample != 'conv'):
             raise ValueError('give either downsample_layers or stem_mid_norm/downsample, not both')
         if drop_rate:
@@ -348,42 +331,30 @@ class MambaOut(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_stage = len(depths)
-        self.global_pool = global_pool
+        self.global_pool = global_pool  # the head pools ('avg') or not (''): its pool_type, kept in step
         self.drop_rate = head_dropout
-        self.key_layout = key_layout
         self.output_fmt = 'NHWC'
-        self.grad_checkpointing = False
         self.num_features = dims[-1]
 
         down = self._downsample_layers(downsample_layers, in_chans, dims, norm_layer, act_layer, stem_mid_norm,
                                        downsample)
+        self.stem = down[0]
         dpr = calculate_drop_path_rates(drop_path_rate, depths, stagewise=True)  # the official linspace, split
-        blocks = [
-            nn.Sequential(*[
-                GatedCNNBlock(dims[i], expansion_ratio=expansion_ratio, kernel_size=kernel_size,
-                              conv_ratio=conv_ratio, norm_layer=norm_layer, act_layer=act_layer,
-                              drop_path=dpr[i][j], ls_init_value=ls_init_value)
-                for j in range(depth)])
-            for i, depth in enumerate(depths)]
-        mid_norm = norm_layer if head_kind == 'mlp' else None
-        if key_layout == 'original':
-            self.downsample_layers = nn.ModuleList(down)
-            self.stages = nn.ModuleList(blocks)
-            self.norm = output_norm(dims[-1])
-            if head_kind == 'custom':
-                self.head = (head_fn(dims[-1], num_classes, head_dropout=head_dropout) if head_dropout > 0.
-                             else head_fn(dims[-1], num_classes))
-            else:
-                self.head = MlpHead(dims[-1], num_classes, norm_layer=mid_norm, head_dropout=head_dropout)
-        else:
-            self.stem = down[0]
-            self.stages = nn.Sequential(*[
-                MambaOutStage(down[i] if i > 0 else nn.Identity(), blocks[i]) for i in range(len(depths))])
-            self.head = NormMlpHead(dims[-1], num_classes, norm_layer=output_norm, mid_norm_layer=mid_norm,
-                                    head_dropout=head_dropout)
-        self.head_hidden_size = getattr(self.head, 'num_features', self.num_features)
+        self.stages = nn.Sequential(*[
+            MambaOutStage(dims[i], depths[i], downsample=down[i] if i > 0 else None, drop_path=dpr[i],
+                          expansion_ratio=expansion_ratio, kernel_size=kernel_size, conv_ratio=conv_ratio,
+                          norm_layer=norm_layer, act_layer=act_layer, ls_init_value=ls_init_value)
+            for i in range(len(depths))])
         self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}')
                              for i in range(len(depths))]
+
+        if head_kind == 'default':
+            self.head = MlpHead(dims[-1], num_classes, pool_type=global_pool, norm_layer=output_norm,
+                                mlp_norm_layer=norm_layer, drop_rate=head_dropout)
+        else:  # timm's: norm -> fc -> act -> fc, with GELU whatever the blocks use
+            self.head = ClNormMlpClassifierHead(dims[-1], num_classes, hidden_size=4 * dims[-1],
+                                                pool_type=global_pool, norm_layer=output_norm, drop_rate=head_dropout)
+        self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
 
     @staticmethod
@@ -423,74 +394,35 @@ class MambaOut(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        if self.key_layout == 'original':
-            return dict(stem=r'^downsample_layers\.0\.', blocks=r'^(?:downsample_layers|stages)\.(\d+)' if coarse else [
-                (r'^downsample_layers\.(\d+)', (0,)), (r'^stages\.(\d+)\.(\d+)', None)])
         return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else [
             (r'^stages\.(\d+)\.downsample', (0,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
         for stage in self.stages:
-            if isinstance(stage, MambaOutStage):
-                stage.grad_checkpointing = enable
+            stage.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        if isinstance(self.head, MlpHead):
-            return self.head.fc2
-        if isinstance(self.head, NormMlpHead):
-            return self.head.fc
-        return self.head
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False) -> None:
-        """New classifier for ``num_classes``; ``reset_other`` also drops the output norm and the head's MLP."""
+        """New classifier for ``num_classes``; ``reset_other`` also drops the head's norm and MLP."""
         if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            _check_pool(global_pool)
             self.global_pool = global_pool
         self.num_classes = num_classes
-        if reset_other and self.key_layout == 'original':
-            self.norm = nn.Identity()
-        if isinstance(self.head, (MlpHead, NormMlpHead)):
-            self.head.reset(num_classes, reset_other=reset_other, in_features=self.num_features)
-            self.head_hidden_size = self.head.num_features
-        else:
-            self.head = _classifier(self.num_features, num_classes, like=self.norm, ref=self)
-            self.head_hidden_size = self.num_features
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f'expected images (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}')
-
-    def _forward_stage(self, i: int, x: Tensor) -> Tensor:
-        """Stage i: its downsample layer (the stem for i = 0), then its blocks. Channels-last out."""
-        if self.key_layout == 'timm':
-            if i == 0:
-                x = self.stem(x)
-            return self.stages[i](x)
-        x = self.downsample_layers[i](x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> last-stage map, channels-last (B, ceil(H/32), ceil(W/32), num_features)."""
-        self._check_input(x)
-        for i in range(len(self.stages)):
-            x = self._forward_stage(i, x)
-        return x
+        check_images(x, self.in_chans, 'MambaOut')
+        return self.stages(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Pool (B, H, W, C) -> (B, C), output norm, MLP head. ``pre_logits``: the head's hidden features."""
-        if self.global_pool == 'avg':
-            x = x.mean((1, 2))
-        if self.key_layout == 'original':
-            x = self.norm(x)
-        if isinstance(self.head, (MlpHead, NormMlpHead)):
-            return self.head(x, pre_logits=pre_logits)
-        return x if pre_logits else self.head(x)
+        """Pool (B, H, W, C) -> (B, C), norm, MLP, classifier. ``pre_logits``: the MLP's hidden features."""
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -516,12 +448,13 @@ class MambaOut(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f'output_fmt must be NCHW or NHWC, got {output_fmt!r}')
-        self._check_input(x)
+        check_images(x, self.in_chans, 'MambaOut')
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        last = max_index if stop_early else len(self.stages) - 1
-        for i in range(last + 1):
-            x = self._forward_stage(i, x)
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
             if i in take_indices:
                 intermediates.append(x.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else x)
         if intermediates_only:
@@ -538,8 +471,6 @@ class MambaOut(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
         self.stages = self.stages[:max_index + 1]
-        if self.key_layout == 'original':
-            self.downsample_layers = self.downsample_layers[:max_index + 1]
         self.num_stage = len(self.stages)
         if prune_end:
             self.num_features = self.feature_info[max_index]['num_chs']
@@ -549,17 +480,21 @@ class MambaOut(nn.Module):
 
 
 def _head_kind(head_fn: Union[str, LayerFn]) -> str:
-    if head_fn in ('mlp', 'default') or head_fn is MlpHead:
-        return 'mlp'
+    if head_fn in ('default', 'mlp') or head_fn is MlpHead:
+        return 'default'
     if head_fn == 'norm_mlp':
         return 'norm_mlp'
-    if callable(head_fn) and not isinstance(head_fn, str):
-        return 'custom'
-    raise ValueError(f"head_fn must be 'mlp', 'norm_mlp' or a callable, got {head_fn!r}")
+    raise ValueError(f"head_fn must be 'default' (the official MLP head) or 'norm_mlp' (timm's), got {head_fn!r}; "
+                     f"for another head build the model with num_classes=0 and put yours after it")
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Key layouts: original release <-> timm. Pure functions of the keys; values pass through untouched.
+# Checkpoints of the original release <-> timm's layout. Pure functions of the keys; values pass through.
 
 # (pattern, replacement), first match wins; everything after the matched prefix is the same in both layouts.
 _ORIGINAL_TO_TIMM = [
@@ -603,15 +538,16 @@ def _rename(state_dict: Mapping[str, V], rules: List[Tuple[re.Pattern, str]], so
 
 
 def convert_original_to_timm(state_dict: Mapping[str, V], strict: bool = True) -> Dict[str, V]:
-    """Rename the keys of an official MambaOut state dict to timm's layout (values unchanged).
+    """Rename the keys of an original-release MambaOut state dict to timm's layout (values unchanged).
 
-    ``strict``: raise on a key that is not an official MambaOut key; otherwise keep it as it is.
+    ``strict``: raise on a key that is not an original MambaOut key; otherwise keep it as it is.
     """
     return _rename(state_dict, _ORIGINAL_TO_TIMM, 'original', strict)
 
 
 def convert_timm_to_original(state_dict: Mapping[str, V], strict: bool = True) -> Dict[str, V]:
-    """Rename the keys of a timm MambaOut state dict to the official layout (values unchanged).
+    """Rename the keys of a timm-layout MambaOut state dict (ours) to the original release's (values unchanged):
+    ``torch.save(convert_timm_to_original(model.state_dict()), path)`` writes a file the official code loads.
 
     ``strict``: raise on a key that is not a timm MambaOut key; otherwise keep it as it is.
     """
@@ -631,57 +567,57 @@ def detect_key_layout(state_dict: Mapping[str, Any]) -> Optional[str]:
     return 'original' if original else 'timm'
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """Convert a checkpoint (official or timm layout) to the key layout of ``model``.
+def checkpoint_filter_fn(state_dict: Mapping[str, Tensor], model: Optional[nn.Module] = None) -> Dict[str, Tensor]:
+    """A checkpoint in this module's layout (timm's): original-release keys renamed, timm's kept.
 
-    Keys of neither layout are left for the strict loader to report.
+    Keys of neither layout are left for the strict loader to report. ``model`` is unused (timm's signature).
     """
-    have = detect_key_layout(state_dict)
-    want = getattr(model, 'key_layout', 'original')
-    if have is None or have == want:
-        return dict(state_dict)
-    convert = convert_timm_to_original if want == 'original' else convert_original_to_timm
-    return convert(state_dict, strict=False)
+    if isinstance(state_dict.get('model'), Mapping):  # the release .pth files as torch.load reads them
+        state_dict = state_dict['model']
+    if detect_key_layout(state_dict) == 'original':
+        return convert_original_to_timm(state_dict, strict=False)
+    return dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configurations
+# Pretrained configurations, per weight tag (timm's, plus the original release's files)
 
 _RELEASE = 'https://github.com/yuweihao/MambaOut/releases/download/model/'
 
 
-def _cfg(hf_hub_id: Optional[str] = None, key_layout: str = 'original', **kwargs: Any) -> Dict[str, Any]:
-    """Weights: the official release file (``url``) and timm's converted copy on the Hugging Face hub
-    (``hf_hub_id``, timm layout: ``checkpoint_filter_fn`` converts it on load)."""
-    first_conv, classifier = (('downsample_layers.0.conv1', 'head.fc2') if key_layout == 'original'
-                              else ('stem.conv1', 'head.fc'))
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     return {
-        'hf_hub_id': hf_hub_id, 'hf_hub_filename': 'model.safetensors' if hf_hub_id else None,
+        'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'test_input_size': (3, 288, 288), 'pool_size': (7, 7),
         'crop_pct': 1.0, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': first_conv, 'classifier': classifier, 'license': 'apache-2.0',
-        'origin_url': 'https://github.com/yuweihao/MambaOut', 'paper_ids': 'arXiv:2405.07992', **kwargs,
+        'first_conv': 'stem.conv1', 'classifier': 'head.fc', 'license': 'apache-2.0',
+        'origin_url': 'https://github.com/yuweihao/MambaOut', 'paper_ids': 'arXiv:2405.07992',
+        **kwargs,
     }
 
 
-default_cfgs = {
-    'mambaout_femto': _cfg('timm/mambaout_femto.in1k', url=_RELEASE + 'mambaout_femto.pth', tag='in1k'),
-    'mambaout_kobe': _cfg('timm/mambaout_kobe.in1k', url=_RELEASE + 'mambaout_kobe.pth', tag='in1k'),
-    'mambaout_tiny': _cfg('timm/mambaout_tiny.in1k', url=_RELEASE + 'mambaout_tiny.pth', tag='in1k'),
-    'mambaout_small': _cfg('timm/mambaout_small.in1k', url=_RELEASE + 'mambaout_small.pth', tag='in1k'),
-    'mambaout_base': _cfg('timm/mambaout_base.in1k', url=_RELEASE + 'mambaout_base.pth', tag='in1k'),
-    # timm's own variants (weights only on the hub; the default tag of each).
-    'mambaout_small_rw': _cfg('timm/mambaout_small_rw.sw_e450_in1k', 'timm', tag='sw_e450_in1k'),
-    'mambaout_base_short_rw': _cfg('timm/mambaout_base_short_rw.sw_e500_in1k', 'timm', tag='sw_e500_in1k',
-                                   crop_pct=0.95, test_crop_pct=1.0),
-    'mambaout_base_tall_rw': _cfg('timm/mambaout_base_tall_rw.sw_e500_in1k', 'timm', tag='sw_e500_in1k',
-                                  crop_pct=0.95, test_crop_pct=1.0),
-    'mambaout_base_wide_rw': _cfg('timm/mambaout_base_wide_rw.sw_e500_in1k', 'timm', tag='sw_e500_in1k',
-                                  crop_pct=0.95, test_crop_pct=1.0),
-    'mambaout_base_plus_rw': _cfg('timm/mambaout_base_plus_rw.sw_e150_in12k_ft_in1k', 'timm',
-                                  tag='sw_e150_in12k_ft_in1k'),
-    'test_mambaout': _cfg(None, 'timm', input_size=(3, 160, 160), test_input_size=(3, 192, 192), pool_size=(5, 5)),
-}
+# timm's cfgs, one per 'name.tag' (the first tag of a name is its default); 'timm/' is the hub repository named
+# after the name and tag. The original five also name the release file (``url``, original layout:
+# ``checkpoint_filter_fn`` renames its keys on load); timm's hub copy is the same weights in timm's layout.
+default_cfgs = generate_default_cfgs({
+    'mambaout_femto.in1k': _cfg(_RELEASE + 'mambaout_femto.pth', hf_hub_id='timm/'),
+    'mambaout_kobe.in1k': _cfg(_RELEASE + 'mambaout_kobe.pth', hf_hub_id='timm/'),
+    'mambaout_tiny.in1k': _cfg(_RELEASE + 'mambaout_tiny.pth', hf_hub_id='timm/'),
+    'mambaout_small.in1k': _cfg(_RELEASE + 'mambaout_small.pth', hf_hub_id='timm/'),
+    'mambaout_base.in1k': _cfg(_RELEASE + 'mambaout_base.pth', hf_hub_id='timm/'),
+
+    # timm's variants: weights on the hub only
+    'mambaout_small_rw.sw_e450_in1k': _cfg(hf_hub_id='timm/'),
+    'mambaout_base_short_rw.sw_e500_in1k': _cfg(hf_hub_id='timm/', crop_pct=0.95, test_crop_pct=1.0),
+    'mambaout_base_tall_rw.sw_e500_in1k': _cfg(hf_hub_id='timm/', crop_pct=0.95, test_crop_pct=1.0),
+    'mambaout_base_wide_rw.sw_e500_in1k': _cfg(hf_hub_id='timm/', crop_pct=0.95, test_crop_pct=1.0),
+    'mambaout_base_plus_rw.sw_e150_in12k_ft_in1k': _cfg(hf_hub_id='timm/'),
+    'mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k': _cfg(
+        hf_hub_id='timm/', input_size=(3, 384, 384), test_input_size=(3, 384, 384), crop_mode='squash',
+        pool_size=(12, 12)),
+    'mambaout_base_plus_rw.sw_e150_in12k': _cfg(hf_hub_id='timm/', num_classes=11821),
+    'test_mambaout': _cfg(input_size=(3, 160, 160), test_input_size=(3, 192, 192), pool_size=(5, 5)),
+})
 
 
 def _create_mambaout(variant: str, pretrained: bool = False, **kwargs: Any) -> MambaOut:
@@ -690,7 +626,7 @@ def _create_mambaout(variant: str, pretrained: bool = False, **kwargs: Any) -> M
 
 
 # timm's variants: partial conv wider than 1.0, norm-first downsampling, layer scale, 'norm_mlp' head.
-_RW = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-6, head_fn='norm_mlp', key_layout='timm')
+_RW = dict(stem_mid_norm=False, downsample='conv_nf', ls_init_value=1e-6, head_fn='norm_mlp')
 
 
 @register_model
@@ -730,28 +666,28 @@ def mambaout_base(pretrained: bool = False, **kwargs: Any) -> MambaOut:
 
 @register_model
 def mambaout_small_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's MambaOut-Small variant (48.5M params), timm key layout."""
+    """timm's MambaOut-Small variant (48.5M params)."""
     args = dict(_RW, depths=[3, 4, 27, 3], dims=[96, 192, 384, 576])
     return _create_mambaout('mambaout_small_rw', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_short_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's shorter, wider-block MambaOut-Base (88.8M params), timm key layout."""
+    """timm's shorter, wider-block MambaOut-Base (88.8M params)."""
     args = dict(_RW, depths=[3, 3, 25, 3], dims=[128, 256, 512, 768], expansion_ratio=3.0, conv_ratio=1.25)
     return _create_mambaout('mambaout_base_short_rw', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_tall_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's deeper, narrower-block MambaOut-Base (86.5M params), timm key layout."""
+    """timm's deeper, narrower-block MambaOut-Base (86.5M params)."""
     args = dict(_RW, depths=[3, 4, 30, 3], dims=[128, 256, 512, 768], expansion_ratio=2.5, conv_ratio=1.25)
     return _create_mambaout('mambaout_base_tall_rw', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def mambaout_base_wide_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's wide-block MambaOut-Base with SiLU (94.4M params), timm key layout."""
+    """timm's wide-block MambaOut-Base with SiLU (94.4M params)."""
     args = dict(_RW, depths=[3, 4, 27, 3], dims=[128, 256, 512, 768], expansion_ratio=3.0, conv_ratio=1.5,
                 act_layer='silu')
     return _create_mambaout('mambaout_base_wide_rw', pretrained, **dict(args, **kwargs))
@@ -759,7 +695,7 @@ def mambaout_base_wide_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
 
 @register_model
 def mambaout_base_plus_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's MambaOut-Base+ with SiLU (101.7M params; ImageNet-12k pre-training), timm key layout."""
+    """timm's MambaOut-Base+ with SiLU (101.7M params; ImageNet-12k pre-training)."""
     args = dict(_RW, depths=[3, 4, 30, 3], dims=[128, 256, 512, 768], expansion_ratio=3.0, conv_ratio=1.5,
                 act_layer='silu')
     return _create_mambaout('mambaout_base_plus_rw', pretrained, **dict(args, **kwargs))
@@ -767,7 +703,7 @@ def mambaout_base_plus_rw(pretrained: bool = False, **kwargs: Any) -> MambaOut:
 
 @register_model
 def test_mambaout(pretrained: bool = False, **kwargs: Any) -> MambaOut:
-    """timm's tiny test configuration (0.45M params, no weights), timm key layout."""
+    """timm's tiny test configuration (0.45M params, no weights)."""
     args = dict(_RW, depths=[1, 1, 3, 1], dims=[16, 32, 48, 64], expansion_ratio=3, ls_init_value=1e-4,
                 act_layer='silu')
     return _create_mambaout('test_mambaout', pretrained, **dict(args, **kwargs))
