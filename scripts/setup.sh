@@ -44,12 +44,15 @@ if [ -z "$PYTHON" ]; then
     fi
   done
 fi
+# 3.11: the interpreter that constraints.txt's pinned set is tested with (the package itself supports >=3.10).
 [ -n "$PYTHON" ] || { echo "setup: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
 
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $PYTHON"
   "$PYTHON" -m venv .venv
 fi
-# torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml; pip takes them from the local wheel index.
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+# pyproject.toml declares the supported ranges (torch>=2.7, timm>=1.0.31, ...); constraints.txt pins the exact tested
+# set (torch 2.14.1, torchvision 0.29.1, timm 1.0.31, and every other package), so CI and a fresh clone install the
+# same versions. Packages already at the pinned versions are left alone, so a second run changes nothing.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 echo "setup: $(.venv/bin/python -c 'import torch, timm, mambazoo; print(f"mambazoo {mambazoo.__version__}, torch {torch.__version__}, timm {timm.__version__}")')"
