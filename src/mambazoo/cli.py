@@ -39,6 +39,15 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
     return kwargs
 
 
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """--model-kwargs, plus --num-classes where given: create_model passes an explicit None on to the model, so an
+    option the user did not set is left out."""
+    kwargs = _parse_kwargs(args.model_kwargs)
+    if getattr(args, 'num_classes', None) is not None:
+        kwargs['num_classes'] = args.num_classes
+    return kwargs
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     import mambazoo
     for name in mambazoo.list_models(args.pattern, include_aliases=args.aliases):
@@ -50,7 +59,7 @@ def _cmd_random_checkpoint(args: argparse.Namespace) -> int:
     import torch
     import mambazoo
     torch.manual_seed(args.seed)
-    model = mambazoo.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
+    model = mambazoo.create_model(args.model, **_model_kwargs(args))
     # The official release layout: weights under 'state_dict'.
     torch.save({'state_dict': model.state_dict(), 'arch': args.model}, args.out)
     print(f'wrote randomly initialised {args.model} weights (seed {args.seed}) to {args.out}')
@@ -66,7 +75,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                                      num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
+                                      **_model_kwargs(args))
     except (ValueError, mambazoo.CheckpointError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -255,8 +264,7 @@ def _analysis_model(args: argparse.Namespace):
     """The model of an analysis command (random weights unless --checkpoint), or an error message."""
     import mambazoo
     try:
-        return mambazoo.create_model(args.model, checkpoint_path=args.checkpoint, num_classes=args.num_classes,
-                                     **_parse_kwargs(args.model_kwargs)), None
+        return mambazoo.create_model(args.model, checkpoint_path=args.checkpoint, **_model_kwargs(args)), None
     except (ValueError, mambazoo.CheckpointError) as e:
         return None, str(e)
 
@@ -302,7 +310,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     from mambazoo.analysis.summary import format_summary, summarize
     try:
         with torch.device('meta'):  # shapes only: any size of model in a fraction of a second
-            model = mambazoo.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
+            model = mambazoo.create_model(args.model, **_model_kwargs(args))
     except ValueError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

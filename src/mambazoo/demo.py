@@ -44,7 +44,8 @@ def load_demo_model(
     if not model_name:
         raise ValueError('name the model (--model): no checkpoint written by `mambazoo train` records it')
     if not meta:
-        model = create_model(model_name, checkpoint_path=checkpoint, num_classes=num_classes, **(model_kwargs or {}))
+        given = {'num_classes': num_classes} if num_classes is not None else {}  # unset: the model's default
+        model = create_model(model_name, checkpoint_path=checkpoint, **given, **(model_kwargs or {}))
         return model.eval(), class_names(model.num_classes)
 
     train_cfg = meta['config']

@@ -1,11 +1,12 @@
-"""Reading and loading checkpoints: every release format, the offline Hugging Face cache, wrong variants,
-another number of classes, corrupt files and non-strict loading.
+"""Reading and loading checkpoints: every release format, the offline Hugging Face cache, torch hub's checkpoint
+cache (weights named by url), wrong variants, another number of classes, corrupt files and non-strict loading.
 
 Every load is checked by its outputs: the loaded model must give the source model's logits on a fixed input.
 The source model's weights (and BatchNorm statistics) are perturbed away from the initialisation, and each
 target model is built from another seed and checked to differ from the source before loading, so a loader
 that silently skips tensors fails these tests. The network is never used: HF_HUB_OFFLINE is set for every
-test and huggingface_hub's download function is replaced by one that records the call and refuses.
+test and huggingface_hub's download function (and, where a test needs it, torch.hub's) is replaced by one that
+records the call and refuses.
 """
 import argparse
 import logging
@@ -385,6 +386,97 @@ def test_create_model_pretrained_empty_cache_offline(offline):
         build(1, pretrained=True)
     assert HF_REPO in str(info.value)
     assert not offline.calls
+
+
+# ----------------------------------------------------------------------------------------------- 2b. torch hub
+
+VMAMBA, VMAMBA_SMALL = 'vmamba_tiny_s2l5', dict(dims=8, depths=[1, 1, 1, 1], num_classes=10)
+VMAMBA_URL = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/vssm_tiny_0230_ckpt_epoch_262.pth'
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch, offline):
+    """A temporary TORCH_HOME; torch.hub.download_url_to_file refuses (the `offline` guard records the call)."""
+    home = tmp_path / 'torch_home'
+    monkeypatch.setenv('TORCH_HOME', str(home))
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    return home
+
+
+def vmamba_release_file(seed):
+    """A small VMamba's perturbed weights in the release layout ({'model': ...}), and the model's logits."""
+    torch.manual_seed(seed)
+    model = perturb(mambazoo.create_model(VMAMBA, **VMAMBA_SMALL), seed=seed + 1)
+    return {'model': contiguous(model.state_dict())}, model
+
+
+def test_vmamba_cfgs_name_the_released_files():
+    """assets/performance.md of the official repository: every v2 classification checkpoint."""
+    files = {name: mambazoo.get_pretrained_cfg(name)['url'].rsplit('/', 1)[-1]
+             for name in mambazoo.list_models('vmamba*')}
+    assert files == {
+        'vmamba_tiny': 'vssm1_tiny_0230s_ckpt_epoch_264.pth', 'vmamba_small': 'vssm_small_0229_ckpt_epoch_222.pth',
+        'vmamba_base': 'vssm_base_0229_ckpt_epoch_237.pth', 'vmamba_tiny_s2l5': 'vssm_tiny_0230_ckpt_epoch_262.pth',
+        'vmamba_small_s1l20': 'vssm1_small_0229s_ckpt_epoch_240.pth',
+        'vmamba_base_s1l20': 'vssm1_base_0229s_ckpt_epoch_225.pth'}
+    assert mambazoo.get_pretrained_cfg(VMAMBA)['url'] == VMAMBA_URL
+
+
+def test_pretrained_url_found_in_torch_hub_cache(torch_home, x):
+    state, model = vmamba_release_file(seed=5)
+    cached = torch_home / 'hub' / 'checkpoints' / 'vssm_tiny_0230_ckpt_epoch_262.pth'
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    assert resolve_pretrained_file(mambazoo.get_pretrained_cfg(VMAMBA)) == cached
+    loaded = mambazoo.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    torch.testing.assert_close(logits(loaded, x), logits(model, x))
+    import timm  # the same through timm's factory
+    via_timm = timm.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    torch.testing.assert_close(logits(via_timm, x), logits(model, x))
+
+
+def test_pretrained_url_offline_names_the_path(torch_home, offline):
+    with pytest.raises(CheckpointError, match='HF_HUB_OFFLINE') as info:
+        mambazoo.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    assert str(torch_home / 'hub' / 'checkpoints' / 'vssm_tiny_0230_ckpt_epoch_262.pth') in str(info.value)
+    assert 'checkpoint_path' in str(info.value) and not offline.calls
+
+
+def _online(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.delenv('HF_HUB_OFFLINE')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+
+
+def test_pretrained_url_downloaded_into_torch_hub_cache(torch_home, monkeypatch, x):
+    """Online, a missing file is fetched with torch.hub.download_url_to_file into the cache (here a fake that
+    writes the weights), then loaded; the next build finds it there."""
+    _online(monkeypatch)
+    state, model = vmamba_release_file(seed=6)
+    calls = []
+
+    def fake_download(url, dst, *args, **kwargs):
+        calls.append((url, dst))
+        torch.save(state, dst)
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', fake_download)
+    loaded = mambazoo.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    expected = torch_home / 'hub' / 'checkpoints' / 'vssm_tiny_0230_ckpt_epoch_262.pth'
+    assert calls == [(VMAMBA_URL, str(expected))] and expected.is_file()
+    torch.testing.assert_close(logits(loaded, x), logits(model, x))
+    mambazoo.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    assert len(calls) == 1
+
+
+def test_pretrained_url_without_network_names_the_path(torch_home, monkeypatch):
+    _online(monkeypatch)
+
+    def no_network(url, dst, *args, **kwargs):
+        import urllib.error
+        raise urllib.error.URLError('[Errno -3] Temporary failure in name resolution')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
+    with pytest.raises(CheckpointError, match='name resolution') as info:
+        mambazoo.create_model(VMAMBA, pretrained=True, **VMAMBA_SMALL)
+    assert str(torch_home / 'hub' / 'checkpoints' / 'vssm_tiny_0230_ckpt_epoch_262.pth') in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------- 3. variants

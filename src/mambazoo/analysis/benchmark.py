@@ -23,15 +23,17 @@ import math
 import platform
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'create_any_model', 'benchmark_model', 'run_benchmark',
-           'format_benchmark_table', 'benchmark_report', 'PeakMemory']
+# A name of this module, looked up at each call: benchmarks/scan_gpu.py swaps it to build channels-last models.
+from ..models import create_any_model
+
+__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'run_benchmark', 'format_benchmark_table',
+           'benchmark_report', 'PeakMemory']
 
 DEFAULT_SWEEP = (224, 512, 640, 768, 1024, 1248)
 
@@ -61,28 +63,6 @@ class BenchmarkResult:
 # The measurements compared with the reference model (each row's value / the reference's, at the same size).
 RATIO_FIELDS = ('infer_images_per_s', 'latency_ms', 'infer_peak_memory_mb', 'train_images_per_s',
                 'train_peak_memory_mb')
-
-
-def create_any_model(name: str, img_size: Optional[int] = None, device: Any = 'cpu', **kwargs: Any) -> nn.Module:
-    """A registered mambazoo model, else a timm model, randomly initialised, built for ``img_size`` where the
-    architecture takes one (position embeddings); ``device`` 'meta' builds shapes only."""
-    import timm
-    from ..models import create_model, is_model
-    if is_model(name):
-        build: Callable[..., nn.Module] = create_model
-    elif timm.is_model(name):
-        build = timm.create_model
-    else:
-        raise ValueError(f'unknown model {name!r}: neither a mambazoo model (`mambazoo list`) nor a timm model')
-    with torch.device(device):
-        if img_size:
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings('ignore', message='.*ignores unknown arguments.*')
-                    return build(name, pretrained=False, img_size=img_size, **kwargs)
-            except TypeError:
-                pass  # a constructor without img_size (CNNs): any input size works
-        return build(name, pretrained=False, **kwargs)
 
 
 def _is_known(name: str) -> bool:

@@ -271,7 +271,7 @@ def count_model_flops(
 
     Returns the count, the number of parameters, and the (meta) model.
     """
-    from .benchmark import create_any_model
+    from ..models import create_any_model
     model = create_any_model(name, img_size, device=device, **model_kwargs)
     in_chans, height, width = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
     if img_size:

@@ -102,6 +102,8 @@ class FeatureBackbone(nn.Module):
             self.pyramid: Optional[SimpleFeaturePyramid] = SimpleFeaturePyramid(in_channels, in_stride)
             self.out_channels = list(self.pyramid.out_channels)
         else:
+            if resolve_name(name).startswith('vmamba'):  # the official detection backbone: a norm per stage
+                common['feature_norm'] = True
             self.body = create_model(name, out_indices=(0, 1, 2, 3), **common)
             self.pyramid = None
             self.out_channels = list(self.body.feature_info.channels())

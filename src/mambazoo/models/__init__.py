@@ -1,6 +1,6 @@
 """Model families. Importing this registers every model (ours and in timm)."""
-from ._builder import (CheckpointError, CheckpointMismatchError, create_model, is_model, list_models,
-                       load_checkpoint, read_checkpoint, resolve_name)
+from ._builder import (CheckpointError, CheckpointMismatchError, create_any_model, create_model, get_pretrained_cfg,
+                       is_model, list_models, load_checkpoint, read_checkpoint, resolve_name)
 from .mambavision import MambaVision
 from .vmamba import VSSM
 from .mambaout import MambaOut
@@ -13,6 +13,6 @@ __all__ = [
     'MambaOut',
     'VisionMamba',
     'MambaHybrid',
-    'create_model', 'list_models', 'is_model', 'resolve_name', 'load_checkpoint', 'read_checkpoint',
-    'CheckpointError', 'CheckpointMismatchError',
+    'create_model', 'create_any_model', 'get_pretrained_cfg', 'list_models', 'is_model', 'resolve_name',
+    'load_checkpoint', 'read_checkpoint', 'CheckpointError', 'CheckpointMismatchError',
 ]

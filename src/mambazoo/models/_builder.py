@@ -2,36 +2,54 @@
 
 Names are registered twice: in our own registry (``create_model`` / ``list_models``, which also knows the
 official names as aliases) and in timm's, so that ``timm.create_model(name)`` works after ``import mambazoo``.
-timm's registry only gets names it does not already have (timm owns ``mambaout_*``).
+timm's registry only gets names it does not already have (timm owns ``mambaout_*``); the official names (aliases)
+are registered there too, under the same rule.
 
-Checkpoints are read from local files only, except ``pretrained=True``, which looks for the official file in
-the local Hugging Face cache and downloads it only when a network is allowed (never with HF_HUB_OFFLINE=1).
+Pretrained configs are timm's: each family's ``default_cfgs`` holds one cfg per ``name.tag`` (weights) as
+``generate_default_cfgs`` groups them, and ``create_model('name.tag')`` builds with that tag's cfg (the first tag
+with weights when no tag is given). Plain ``{name: cfg}`` or ``{name.tag: cfg}`` dicts are understood as well.
+
+Checkpoints are read from local files only, except ``pretrained=True``, which looks for the official file in the
+local caches (Hugging Face's, torch hub's ``checkpoints/``) and downloads it only when a network is allowed (never
+with HF_HUB_OFFLINE=1).
 """
 import argparse
+import dataclasses
 import fnmatch
 import json
 import logging
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from pathlib import Path, PosixPath, PurePosixPath
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlparse
 
 import torch
+from timm.models import generate_default_cfgs
+from timm.models._pretrained import DefaultCfg, PretrainedCfg
+from timm.models._registry import split_model_name_tag
 from torch import Tensor, nn
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
-    'register_model', 'register_alias', 'create_model', 'get_pretrained_cfg', 'list_models', 'is_model', 'resolve_name',
-    'build_model', 'load_checkpoint', 'read_checkpoint', 'resolve_pretrained_file',
-    'CheckpointError', 'CheckpointMismatchError',
+    'register_model', 'register_alias', 'create_model', 'create_any_model', 'get_pretrained_cfg', 'list_models',
+    'is_model', 'resolve_name', 'resolve_pretrained_cfg', 'generate_default_cfgs', 'build_model', 'load_checkpoint',
+    'read_checkpoint', 'resolve_pretrained_file', 'torch_hub_checkpoint_file', 'CheckpointError',
+    'CheckpointMismatchError',
 ]
 
 _entrypoints: Dict[str, Callable[..., nn.Module]] = {}
 _aliases: Dict[str, str] = {}
 _family_of: Dict[str, str] = {}
+
+# The feature wrapper our families default to: timm's FeatureGetterNet, which takes the maps from the model's
+# forward_intermediates (each stage's blocks before its downsample, strides 4..32), where hooks on the stage modules
+# would see the downsampled output. Families may override it through their feature_cfg.
+_DEFAULT_FEATURE_CFG = dict(feature_cls='getter', out_indices=(0, 1, 2, 3))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -45,17 +63,43 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     _family_of[name] = fn.__module__.rsplit('.', 1)[-1]
     if not timm.models.is_model(name):
         timm.models.register_model(fn)
+    for alias, target in _aliases.items():  # official names declared before their model
+        if target == name:
+            _register_alias_in_timm(alias, name)
     return fn
 
 
 def register_alias(alias: str, name: str) -> None:
-    """Let ``create_model(alias)`` build ``name`` (used for the official repositories' names)."""
+    """Let ``create_model(alias)`` (and ``timm.create_model(alias)``, where timm lacks the name) build ``name``.
+
+    Used for the official repositories' names; ``name`` may be registered before or after its aliases.
+    """
     _aliases[alias] = name
+    if name in _entrypoints:
+        _register_alias_in_timm(alias, name)
+
+
+def _register_alias_in_timm(alias: str, name: str) -> None:
+    import timm.models
+    if timm.models.is_model(alias):
+        return
+    target = _entrypoints[name]
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        return _entrypoints[name](pretrained=pretrained, **kwargs)
+
+    # timm names the model after the function and files it under the function's module (the family), whose
+    # __all__ it extends: the function is made an attribute of that module too (`from ... import mamba_vision_T`).
+    entrypoint.__name__ = entrypoint.__qualname__ = alias
+    entrypoint.__module__ = target.__module__
+    entrypoint.__doc__ = f'{alias}: the official name of {name}.\n\n{target.__doc__ or ""}'
+    setattr(sys.modules[target.__module__], alias, entrypoint)
+    timm.models.register_model(entrypoint)
 
 
 def resolve_name(name: str) -> str:
-    """Our canonical name for ``name`` (an alias or a canonical name); raises with suggestions if unknown."""
-    base = name.split('.', 1)[0]
+    """Our canonical name for ``name`` (an alias or a canonical name, a ``.tag`` ignored); raises if unknown."""
+    base = split_model_name_tag(name)[0]
     base = _aliases.get(base, base)
     if base not in _entrypoints:
         close = [n for n in list(_entrypoints) + list(_aliases) if base.lower()[:8] in n.lower()][:8]
@@ -78,11 +122,79 @@ def list_models(pattern: str = '*', include_aliases: bool = False) -> List[str]:
     return sorted(n for n in names if fnmatch.fnmatchcase(n.lower(), pattern.lower()))
 
 
+def _family_cfgs(canonical: str) -> Mapping[str, Any]:
+    return getattr(sys.modules[_entrypoints[canonical].__module__], 'default_cfgs', {})
+
+
 def get_pretrained_cfg(name: str) -> Dict[str, Any]:
-    """The pretrained config (input size, crop, mean/std, ...) of a model name, without building the model."""
+    """The pretrained config (input size, crop, mean/std, weights, ...) of ``name`` or ``name.tag``, without
+    building the model; ``{}`` for a model without one. An unknown tag raises ``ValueError`` naming the known ones."""
     canonical = resolve_name(name)
-    module = sys.modules[_entrypoints[canonical].__module__]
-    return dict(getattr(module, 'default_cfgs', {}).get(canonical, {}))
+    cfgs = _family_cfgs(canonical)
+    if _default_cfg(canonical, cfgs) is None:
+        return {}
+    return resolve_pretrained_cfg(canonical, cfgs, split_model_name_tag(name)[1] or None)
+
+
+def _default_cfg(variant: str, default_cfgs: Mapping[str, Any]) -> Optional[DefaultCfg]:
+    """``variant``'s tags and their cfgs from a family's ``default_cfgs``: the output of timm's
+    ``generate_default_cfgs`` (``{name: DefaultCfg}``), or its input (``{name or name.tag: dict}``, where an
+    untagged cfg may name its tag in a 'tag' entry)."""
+    entry = default_cfgs.get(variant)
+    if isinstance(entry, DefaultCfg):
+        return entry
+    raw: Dict[str, Any] = {}
+    for key, cfg in default_cfgs.items():
+        arch, tag = split_model_name_tag(key)
+        if arch != variant:
+            continue
+        own_tag = cfg.get('tag') if isinstance(cfg, Mapping) else getattr(cfg, 'tag', None)
+        raw[f'{arch}.{own_tag}' if not tag and own_tag else key] = cfg
+    return generate_default_cfgs(raw)[variant] if raw else None
+
+
+def resolve_pretrained_cfg(
+        variant: str,
+        default_cfgs: Mapping[str, Any],
+        pretrained_cfg: Optional[Union[str, Mapping[str, Any], PretrainedCfg]] = None,
+        pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The pretrained cfg (a dict, as timm's ``model.pretrained_cfg``) ``variant`` is built with.
+
+    Args:
+        variant: our canonical model name.
+        default_cfgs: the family's ``default_cfgs``.
+        pretrained_cfg: a tag of ``variant`` (None: its default tag, the first with weights), or a whole cfg (a
+            dict or timm ``PretrainedCfg``), as ``timm.create_model`` passes them.
+        pretrained_cfg_overlay: entries that replace the cfg's (e.g. ``file=`` a local copy of the weights).
+    Raises:
+        ValueError: a tag ``variant`` does not have (the message names the known ones).
+    """
+    if isinstance(pretrained_cfg, PretrainedCfg):
+        cfg = pretrained_cfg
+    elif isinstance(pretrained_cfg, Mapping):
+        cfg = PretrainedCfg(**pretrained_cfg)
+    else:
+        default = _default_cfg(variant, default_cfgs)
+        tag = pretrained_cfg or None
+        if default is None:
+            if tag is not None:
+                raise ValueError(f'Unknown pretrained tag {tag!r} for {variant}: it has no pretrained tags.')
+            cfg = PretrainedCfg()  # as timm for a model without a cfg: the defaults (224 px, ImageNet mean/std)
+        else:
+            if tag is not None and tag not in default.cfgs:
+                known = [t for t in default.tags if t]
+                have = f'its tags are {", ".join(known)}' if known else 'it has no pretrained tags'
+                raise ValueError(f'Unknown pretrained tag {tag!r} for {variant}: {have}.')
+            tag = default.tags[0] if tag is None else tag
+            cfg = default.cfgs[tag]
+            if cfg.hf_hub_id == 'timm/':  # timm's shorthand: the hub repository named after the model and tag
+                cfg = dataclasses.replace(cfg, hf_hub_id=f'timm/{variant}.{tag}' if tag else f'timm/{variant}')
+            cfg = dataclasses.replace(cfg, architecture=variant, tag=tag or None)
+    overlay = dict(pretrained_cfg_overlay or {})
+    if not cfg.architecture:
+        overlay.setdefault('architecture', variant)
+    return dataclasses.replace(cfg, **overlay).to_dict()
 
 
 def create_model(
@@ -91,20 +203,51 @@ def create_model(
         checkpoint_path: Optional[Union[str, Path]] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """Build a model by name (ours or an official alias).
+    """Build a model by name (ours or an official alias), optionally with a pretrained tag (``name.tag``).
+
+    Unlike ``timm.create_model``, arguments whose value is None are passed on as they are: ``layer_scale=None``
+    switches MambaVision's layer scale off. Leave out the arguments you do not set.
 
     Args:
-        name: a name from ``list_models()`` or an official alias such as 'mamba_vision_T'.
-        pretrained: load the official weights from the local Hugging Face cache (downloads only when allowed).
+        name: a name from ``list_models()`` or an official alias such as 'mamba_vision_T', with an optional tag
+            ('mambavision_tiny.in1k'); an unknown tag raises ``ValueError`` naming the known ones.
+        pretrained: load the official weights from the local caches (downloads only when allowed).
         checkpoint_path: a local checkpoint (.pth/.pth.tar/.bin/.safetensors or a Hugging Face style folder).
-        **kwargs: model arguments (num_classes, in_chans, drop_path_rate, features_only, out_indices, ...).
+        **kwargs: model arguments (num_classes, in_chans, drop_path_rate, ...), timm's feature arguments
+            (features_only, out_indices, feature_cls, feature_cfg) and pretrained_cfg / pretrained_cfg_overlay.
     """
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if checkpoint_path is not None:
         # A folder written by `mambazoo export --format folder` records the model's arguments in config.json
         # (the Hugging Face hub layout): they are the defaults here, explicit arguments still win.
         kwargs = {**_folder_model_args(Path(checkpoint_path)), **kwargs}
+    tag = split_model_name_tag(name)[1]
+    if tag and kwargs.get('pretrained_cfg') is None:
+        kwargs['pretrained_cfg'] = tag  # as timm: an explicit pretrained_cfg wins over the name's tag
     return _entrypoints[resolve_name(name)](pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+
+
+def create_any_model(name: str, img_size: Optional[int] = None, device: Any = 'cpu', **kwargs: Any) -> nn.Module:
+    """A registered mambazoo model, else a timm model, randomly initialised, built for ``img_size`` where the
+    architecture takes one (position embeddings); ``device`` 'meta' builds shapes only.
+
+    For the tools that put ours beside timm's (benchmarks, FLOP counts): one call for either library's names.
+    """
+    import timm
+    if is_model(name):
+        build: Callable[..., nn.Module] = create_model
+    elif timm.is_model(name):
+        build = timm.create_model
+    else:
+        raise ValueError(f'unknown model {name!r}: neither a mambazoo model (`mambazoo list`) nor a timm model')
+    with torch.device(device):
+        if img_size:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings('ignore', message='.*ignores unknown arguments.*')
+                    return build(name, pretrained=False, img_size=img_size, **kwargs)
+            except TypeError:
+                pass  # a constructor without img_size (CNNs): any input size works
+        return build(name, pretrained=False, **kwargs)
 
 
 def _folder_model_args(path: Path) -> Dict[str, Any]:
@@ -129,31 +272,60 @@ def build_model(
         pretrained: bool,
         default_cfgs: Mapping[str, Any],
         checkpoint_path: Optional[Union[str, Path]] = None,
-        features_only: bool = False,
-        out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
-        feature_norm: bool = False,
-        output_fmt: str = 'NCHW',
         checkpoint_filter_fn: Optional[Callable[[Dict[str, Tensor], nn.Module], Dict[str, Tensor]]] = None,
+        pretrained_cfg: Optional[Union[str, Mapping[str, Any], PretrainedCfg]] = None,
+        pretrained_cfg_overlay: Optional[Mapping[str, Any]] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        feature_cfg: Optional[Mapping[str, Any]] = None,
+        feature_norm: Optional[bool] = None,
+        output_fmt: Optional[str] = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """One builder for all families: timm's ``build_model_with_cfg`` (config, defaults), then our loader.
+    """One builder for all families: timm's ``build_model_with_cfg`` (cfg, defaults, feature wrapper), our loader.
 
-    Weights are loaded before any feature wrapper is put around the model, so checkpoints keep their keys.
+    The weights (``checkpoint_path``, else with ``pretrained`` the official file) are loaded into the bare model as
+    soon as it is constructed, inside timm's builder, so checkpoints keep their keys; timm then puts its feature
+    wrapper around it for ``features_only=True`` and sets ``pretrained_cfg`` / ``default_cfg`` on whatever it
+    returns, exactly as for timm's own models.
+
+    Args:
+        model_cls: the family's model class (or any callable taking the model arguments).
+        variant: our canonical name.
+        pretrained: load the official weights of the cfg (see ``resolve_pretrained_file``).
+        default_cfgs: the family's ``default_cfgs``.
+        checkpoint_path: a local checkpoint; wins over ``pretrained``.
+        checkpoint_filter_fn: converts other key layouts (the family's ``checkpoint_filter_fn``).
+        pretrained_cfg, pretrained_cfg_overlay: a tag or a whole cfg, and entries replacing the cfg's (timm's).
+        cache_dir: where the official weights are cached (Hugging Face cache / torch hub checkpoints folder).
+        feature_cfg: the family's defaults for the feature wrapper (timm's: feature_cls, out_indices, norm, ...);
+            explicit ``out_indices`` / ``feature_cls`` arguments win, as in timm.
+        feature_norm, output_fmt: shorthands for ``feature_cfg`` 'norm' / 'output_fmt' (used with features_only).
+        **kwargs: model arguments and timm's (features_only, out_indices, feature_cls, pretrained_model_args, ...).
     """
     from timm.models import build_model_with_cfg
-    from timm.models._features import FeatureGetterNet
 
-    for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
-        kwargs.pop(key, None)  # timm.create_model passes these; our cfg comes from the family module
-    pretrained_cfg = default_cfgs[variant]
-    model = build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
-    if pretrained and checkpoint_path is None:
-        checkpoint_path = resolve_pretrained_file(model.pretrained_cfg)
-    if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, filter_fn=checkpoint_filter_fn)
-    if features_only:
-        model = FeatureGetterNet(model, out_indices=out_indices, norm=feature_norm, output_fmt=output_fmt)
-    return model
+    cfg = resolve_pretrained_cfg(variant, default_cfgs, pretrained_cfg, pretrained_cfg_overlay)
+    source: Optional[Union[str, Path]] = checkpoint_path
+    if source is None and pretrained:
+        source = resolve_pretrained_file(cfg, cache_dir=cache_dir)
+    feature_cfg = {**_DEFAULT_FEATURE_CFG, **(feature_cfg or {})}
+    if feature_norm is not None:
+        feature_cfg['norm'] = feature_norm
+    if output_fmt is not None:
+        feature_cfg['output_fmt'] = output_fmt
+    if not kwargs.get('features_only', False):
+        for key in ('out_indices', 'feature_cls'):  # feature arguments without features_only select nothing
+            kwargs.pop(key, None)
+
+    def construct(**model_kwargs: Any) -> nn.Module:
+        model = model_cls(**model_kwargs)
+        if source is not None:
+            model.pretrained_cfg = cfg  # names the classifier, which load_checkpoint may drop
+            load_checkpoint(model, source, filter_fn=checkpoint_filter_fn)
+        return model
+
+    return build_model_with_cfg(construct, variant, pretrained=False, pretrained_cfg=cfg, feature_cfg=feature_cfg,
+                                cache_dir=cache_dir, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -328,30 +500,73 @@ def _classifier_keys(model: nn.Module) -> set:
     return {f'{n}.{p}' for n in names for p in ('weight', 'bias')}
 
 
-def resolve_pretrained_file(pretrained_cfg: Mapping[str, Any], cache_dir: Optional[str] = None) -> Path:
-    """The local file of an official checkpoint: ``file`` in the cfg, else the Hugging Face cache.
+def _offline() -> bool:
+    """HF_HUB_OFFLINE set (in the environment, or as huggingface_hub read it at import): no download at all."""
+    if os.environ.get('HF_HUB_OFFLINE', '0').strip().lower() not in ('0', '', 'false', 'no', 'off'):
+        return True
+    constants = sys.modules.get('huggingface_hub.constants')
+    return bool(getattr(constants, 'HF_HUB_OFFLINE', False))
 
-    Downloads (through huggingface_hub) only when the cache lacks the file and HF_HUB_OFFLINE is not set.
+
+def torch_hub_checkpoint_file(url: str, cache_dir: Optional[Union[str, Path]] = None,
+                              filename: Optional[str] = None) -> Path:
+    """Where a weights ``url`` is cached, as timm and torch.hub keep it: ``<cache_dir or torch.hub.get_dir()/
+    checkpoints>/<filename or the url's file name>`` (torch.hub.get_dir() follows TORCH_HOME)."""
+    folder = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / 'checkpoints'
+    return folder / (filename or os.path.basename(urlparse(url).path))
+
+
+def resolve_pretrained_file(pretrained_cfg: Mapping[str, Any], cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The local file of an official checkpoint, as timm finds it: ``file`` in the cfg; else the Hugging Face cache
+    (``hf_hub_id`` / ``hf_hub_filename``); else torch hub's checkpoint cache (``url``, see
+    ``torch_hub_checkpoint_file``).
+
+    Nothing cached: downloads (huggingface_hub first, then ``torch.hub.download_url_to_file`` into the cache)
+    unless HF_HUB_OFFLINE is set; offline or without a network, a ``CheckpointError`` says where to put the file.
     """
     if pretrained_cfg.get('file'):
         return Path(pretrained_cfg['file'])
-    repo_id, filename = pretrained_cfg.get('hf_hub_id'), pretrained_cfg.get('hf_hub_filename')
-    if not repo_id or not filename:
+    repo_id = pretrained_cfg.get('hf_hub_id')
+    filename = pretrained_cfg.get('hf_hub_filename') or ('model.safetensors' if repo_id else None)
+    url = pretrained_cfg.get('url') or None
+    url_file = None
+    if url:
+        url, url_name = url if isinstance(url, (list, tuple)) else (url, None)  # timm's (url, file name) form
+        url_file = torch_hub_checkpoint_file(url, cache_dir, url_name)
+    if not repo_id and not url:
         raise CheckpointError(f'no official weights are known for {pretrained_cfg.get("architecture")}')
-    import huggingface_hub
-    cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-    if isinstance(cached, str) and os.path.isfile(cached):
-        return Path(cached)
-    if os.environ.get('HF_HUB_OFFLINE', '0') not in ('0', '', 'false', 'False'):
+    if repo_id:
+        import huggingface_hub
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
+        if isinstance(cached, str) and os.path.isfile(cached):
+            return Path(cached)
+    if url_file is not None and url_file.is_file():
+        return url_file
+    if _offline():
+        places = []
+        if repo_id:
+            places.append(f'the Hugging Face cache (huggingface-cli download {repo_id} {filename})')
+        if url_file is not None:
+            places.append(f'{url_file} (downloaded from {url})')
         raise CheckpointError(
-            f'official weights {repo_id}/{filename} are not in the local Hugging Face cache and HF_HUB_OFFLINE '
-            f'is set. Download them once (huggingface-cli download {repo_id} {filename}) or pass '
-            f'checkpoint_path=/path/to/{filename}.')
-    try:
-        return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir))
-    except Exception as e:
-        raise CheckpointError(f'could not fetch {repo_id}/{filename}: {e}. Pass checkpoint_path= to load a '
-                              f'local copy.') from e
+            f'official weights of {pretrained_cfg.get("architecture")} are not cached and HF_HUB_OFFLINE is set. '
+            f'Put them in {" or ".join(places)}, or pass checkpoint_path=/path/to/the/file.')
+    errors = []
+    if repo_id:
+        try:
+            return Path(huggingface_hub.hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        except Exception as e:  # no network, no such repository or file, ...
+            errors.append(f'{repo_id}/{filename}: {e}')
+    if url_file is not None:
+        try:
+            url_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(url_file))  # writes a temporary file, moved when complete
+            return url_file
+        except Exception as e:  # URLError without a network, HTTP errors, ...
+            errors.append(f'{url}: {e}')
+        raise CheckpointError(f'could not fetch {"; ".join(errors)}. Download the file to {url_file} or pass '
+                              f'checkpoint_path=/path/to/{url_file.name}.')
+    raise CheckpointError(f'could not fetch {"; ".join(errors)}. Pass checkpoint_path= to load a local copy.')
 
 
 def state_dict_key_diff(keys_a: Iterable[str], keys_b: Iterable[str]) -> Tuple[List[str], List[str]]:

@@ -303,9 +303,9 @@ default_cfgs = {
 
 
 def _create_hybrid(variant: str, pretrained: bool = False, **kwargs: Any) -> MambaHybrid:
-    kwargs.setdefault('out_indices', 3)  # features_only: the last 3 blocks
+    feature_cfg = {'out_indices': 3, **(kwargs.pop('feature_cfg', None) or {})}  # features_only: the last 3 blocks
     return build_model(MambaHybrid, variant, pretrained, default_cfgs=default_cfgs,
-                       checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
+                       checkpoint_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
 
 
 @register_model

@@ -23,7 +23,7 @@ from timm.models._features import feature_take_indices
 
 from ..ops import selective_scan
 from ._blocks import check_images
-from ._builder import build_model, register_alias, register_model
+from ._builder import build_model, generate_default_cfgs, register_alias, register_model
 
 __all__ = ['MambaVision', 'MambaVisionMixer']
 
@@ -489,31 +489,39 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dic
 # Configurations
 
 def _cfg(hf_hub_id: str, filename: str, **kwargs: Any) -> Dict[str, Any]:
+    """The official cfgs (NVlabs ``mamba_vision.py``): ImageNet mean/std, bicubic, 224 px, center crop unless
+    said otherwise; weights on the Hugging Face hub."""
     return {
         'hf_hub_id': hf_hub_id, 'hf_hub_filename': filename, 'num_classes': 1000,
         'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 1.0, 'crop_mode': 'center',
         'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.conv_down.0', 'classifier': 'head',
-        'license': 'nvidia-source-code-license-nc', **kwargs,
+        'license': 'nvidia-source-code-license-nc', 'origin_url': 'https://github.com/NVlabs/MambaVision', **kwargs,
     }
 
 
-default_cfgs = {
-    'mambavision_tiny': _cfg('nvidia/MambaVision-T-1K', 'mambavision_tiny_1k.pth.tar'),
-    'mambavision_tiny2': _cfg('nvidia/MambaVision-T2-1K', 'mambavision_tiny2_1k.pth.tar', crop_pct=0.98),
-    'mambavision_small': _cfg('nvidia/MambaVision-S-1K', 'mambavision_small_1k.pth.tar', crop_pct=0.93),
-    'mambavision_base': _cfg('nvidia/MambaVision-B-1K', 'mambavision_base_1k.pth.tar'),
-    'mambavision_base_21k': _cfg('nvidia/MambaVision-B-21K', 'mambavision_base_21k.pth.tar'),
-    'mambavision_large': _cfg('nvidia/MambaVision-L-1K', 'mambavision_large_1k.pth.tar'),
-    'mambavision_large_21k': _cfg('nvidia/MambaVision-L-21K', 'mambavision_large_21k.pth.tar'),
-    'mambavision_large2': _cfg('nvidia/MambaVision-L2-1K', 'mambavision_large2_1k.pth.tar'),
-    'mambavision_large2_512_21k': _cfg('nvidia/MambaVision-L2-512-21K', 'mambavision_L2_21k_240m_512.pth.tar',
-                                       input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93),
-    'mambavision_large3_256_21k': _cfg('nvidia/MambaVision-L3-256-21K', 'mambavision_L3_21k_740m_256.pth.tar',
-                                       input_size=(3, 256, 256), pool_size=(8, 8)),
-    'mambavision_large3_512_21k': _cfg('nvidia/MambaVision-L3-512-21K', 'mambavision_L3_21k_740m_512.pth.tar',
-                                       input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93),
-}
+# One cfg per released weight file, as timm's ``name.tag``: 'in1k' trained on ImageNet-1K, 'in21k_ft_in1k'
+# pre-trained on ImageNet-21K and fine-tuned on ImageNet-1K. The 512 px models are evaluated with a 'squash' crop
+# (resize both sides to 512 / 0.93, then a center crop), as their official cfgs say.
+default_cfgs = generate_default_cfgs({
+    'mambavision_tiny.in1k': _cfg('nvidia/MambaVision-T-1K', 'mambavision_tiny_1k.pth.tar'),
+    'mambavision_tiny2.in1k': _cfg('nvidia/MambaVision-T2-1K', 'mambavision_tiny2_1k.pth.tar', crop_pct=0.98),
+    'mambavision_small.in1k': _cfg('nvidia/MambaVision-S-1K', 'mambavision_small_1k.pth.tar', crop_pct=0.93),
+    'mambavision_base.in1k': _cfg('nvidia/MambaVision-B-1K', 'mambavision_base_1k.pth.tar'),
+    'mambavision_base_21k.in21k_ft_in1k': _cfg('nvidia/MambaVision-B-21K', 'mambavision_base_21k.pth.tar'),
+    'mambavision_large.in1k': _cfg('nvidia/MambaVision-L-1K', 'mambavision_large_1k.pth.tar'),
+    'mambavision_large_21k.in21k_ft_in1k': _cfg('nvidia/MambaVision-L-21K', 'mambavision_large_21k.pth.tar'),
+    'mambavision_large2.in1k': _cfg('nvidia/MambaVision-L2-1K', 'mambavision_large2_1k.pth.tar'),
+    'mambavision_large2_512_21k.in21k_ft_in1k': _cfg(
+        'nvidia/MambaVision-L2-512-21K', 'mambavision_L2_21k_240m_512.pth.tar',
+        input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode='squash'),
+    'mambavision_large3_256_21k.in21k_ft_in1k': _cfg(
+        'nvidia/MambaVision-L3-256-21K', 'mambavision_L3_21k_740m_256.pth.tar',
+        input_size=(3, 256, 256), pool_size=(8, 8)),
+    'mambavision_large3_512_21k.in21k_ft_in1k': _cfg(
+        'nvidia/MambaVision-L3-512-21K', 'mambavision_L3_21k_740m_512.pth.tar',
+        input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode='squash'),
+})
 
 # Official entrypoint names (pip package mambavision 1.2.0) -> ours.
 _OFFICIAL_NAMES = {
@@ -534,6 +542,14 @@ for _alias, _name in _OFFICIAL_NAMES.items():
 
 
 def _create_mambavision(variant: str, pretrained: bool = False, **kwargs: Any) -> MambaVision:
+    """Also takes the official package's ``model_path``: with ``pretrained=True`` that file is loaded when it
+    exists, as the official entrypoints do (where they would download the weights to a missing one, the official
+    file is looked up in the caches, and downloaded when allowed, as for any ``pretrained=True``)."""
+    from pathlib import Path
+    model_path = kwargs.pop('model_path', None)
+    if pretrained and model_path is not None and kwargs.get('checkpoint_path') is None \
+            and Path(model_path).expanduser().is_file():
+        kwargs['checkpoint_path'] = Path(model_path).expanduser()
     return build_model(MambaVision, variant, pretrained, default_cfgs=default_cfgs,
                        checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
 

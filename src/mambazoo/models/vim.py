@@ -34,7 +34,7 @@ from timm.models import checkpoint as grad_checkpoint
 from timm.models._features import feature_take_indices
 
 from ._blocks import Mamba, check_images
-from ._builder import build_model, register_alias, register_model
+from ._builder import build_model, generate_default_cfgs, register_alias, register_model
 
 __all__ = ['VisionMamba', 'class_token_positions', 'resample_pos_embed']
 
@@ -74,10 +74,14 @@ def split_tokens(x: Tensor, layout: str) -> Tuple[Tensor, Tensor]:
     positions = class_token_positions(x.shape[1] - n_cls, layout)
     if len(positions) == 0:
         return x, x[:, :0]
-    index = torch.tensor(positions, device=x.device)
-    keep = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-    keep[index] = False
-    return x[:, keep], x.index_select(1, index)
+    # the kept tokens by index ranges, not a boolean mask: exporters then know the output's size
+    kept: List[Tensor] = []
+    start = 0
+    for pos in positions:
+        kept.append(torch.arange(start, pos, device=x.device))
+        start = pos + 1
+    kept.append(torch.arange(start, x.shape[1], device=x.device))
+    return x.index_select(1, torch.cat(kept)), x.index_select(1, torch.tensor(positions, device=x.device))
 
 
 def resample_pos_embed(
@@ -560,13 +564,15 @@ def _cfg(hf_hub_id: str, filename: str, **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-default_cfgs = {
-    'vim_tiny': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_76p1acc.pth'),
-    'vim_tiny_stride8': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_ft_78p3acc.pth'),
-    'vim_small': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_80p5acc.pth'),
-    'vim_small_stride8': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_ft_81p6acc.pth'),
-    'vim_base': _cfg('hustvl/Vim-base-midclstok', 'vim_b_midclstok_81p9acc.pth'),
-}
+# One cfg per released weight file, as timm's ``name.tag`` (all trained on ImageNet-1K; the stride-8 ones fine-tuned
+# from the stride-16 ones). Evaluated as the official main.py does: resize to 224 / 0.875, bicubic, center crop.
+default_cfgs = generate_default_cfgs({
+    'vim_tiny.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_76p1acc.pth'),
+    'vim_tiny_stride8.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_ft_78p3acc.pth'),
+    'vim_small.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_80p5acc.pth'),
+    'vim_small_stride8.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_ft_81p6acc.pth'),
+    'vim_base.in1k': _cfg('hustvl/Vim-base-midclstok', 'vim_b_midclstok_81p9acc.pth'),
+})
 
 # Official entrypoint names (hustvl/Vim vim/models_mamba.py) -> ours.
 _OFFICIAL_NAMES = {
@@ -583,9 +589,9 @@ for _alias, _name in _OFFICIAL_NAMES.items():
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> VisionMamba:
     if 'channels' in kwargs:  # the official name; timm's builder passes in_chans=3 unless told otherwise
         kwargs['in_chans'] = kwargs.pop('channels')
-    kwargs.setdefault('out_indices', 3)  # features_only: the last 3 blocks, as timm's ViTs
+    feature_cfg = {'out_indices': 3, **(kwargs.pop('feature_cfg', None) or {})}  # the last 3 blocks, as timm's ViTs
     return build_model(VisionMamba, variant, pretrained, default_cfgs=default_cfgs,
-                       checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
+                       checkpoint_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
 
 
 # The released configuration (official entrypoints): bimamba v2 averaged, middle class token, absolute position

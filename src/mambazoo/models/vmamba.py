@@ -33,7 +33,7 @@ from timm.models._features import FeatureInfo, feature_take_indices
 from ..ops import cross_selective_scan
 from ..ops.linear import linear
 from ._blocks import check_images
-from ._builder import build_model, register_alias, register_model
+from ._builder import build_model, generate_default_cfgs, register_alias, register_model
 
 __all__ = ['VSSM', 'VSSMBackbone', 'SS2D', 'VSSBlock']
 
@@ -591,10 +591,11 @@ class VSSM(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         self.layers = self.layers[:max_index + 1]
         self.layers[-1].downsample = nn.Identity()
-        if prune_norm or max_index < len(self.dims) - 1:
-            self.classifier.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
+        if hasattr(self, 'classifier'):  # a VSSMBackbone has none
+            if prune_norm or max_index < len(self.dims) - 1:
+                self.classifier.norm = nn.Identity()
+            if prune_head:
+                self.reset_classifier(0, '')
         return take_indices
 
 
@@ -678,24 +679,26 @@ _RELEASE = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v2cls/'
 
 
 def _cfg(filename: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
+    """The official evaluation (classification/data/build.py with TEST.CROP): resize to 224 * 256 / 224 = 256 px,
+    bicubic, center crop 224, ImageNet mean/std; weights from the release page (cached by torch hub)."""
     return {
         'url': _RELEASE + filename if filename else None, 'num_classes': 1000,
         'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875, 'crop_mode': 'center',
         'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.0', 'classifier': 'classifier.head', 'license': 'mit', **kwargs,
+        'first_conv': 'patch_embed.0', 'classifier': 'classifier.head', 'license': 'mit',
+        'origin_url': 'https://github.com/MzeroMiko/VMamba', **kwargs,
     }
 
 
-default_cfgs = {
-    # Released v2 weights (the official README's table).
-    'vmamba_tiny': _cfg('vssm1_tiny_0230s_ckpt_epoch_264.pth'),
-    'vmamba_small': _cfg('vssm_small_0229_ckpt_epoch_222.pth'),
-    'vmamba_base': _cfg('vssm_base_0229_ckpt_epoch_237.pth'),
-    # Other v2 configurations of the official code (no released weights).
-    'vmamba_tiny_s2l5': _cfg(),
-    'vmamba_small_s1l20': _cfg(),
-    'vmamba_base_s1l20': _cfg(),
-}
+# The released v2 weights (assets/performance.md of the official repository), as timm's ``name.tag``.
+default_cfgs = generate_default_cfgs({
+    'vmamba_tiny.in1k': _cfg('vssm1_tiny_0230s_ckpt_epoch_264.pth'),  # [s1l8]
+    'vmamba_small.in1k': _cfg('vssm_small_0229_ckpt_epoch_222.pth'),  # [s2l15]
+    'vmamba_base.in1k': _cfg('vssm_base_0229_ckpt_epoch_237.pth'),  # [s2l15]
+    'vmamba_tiny_s2l5.in1k': _cfg('vssm_tiny_0230_ckpt_epoch_262.pth'),
+    'vmamba_small_s1l20.in1k': _cfg('vssm1_small_0229s_ckpt_epoch_240.pth'),
+    'vmamba_base_s1l20.in1k': _cfg('vssm1_base_0229s_ckpt_epoch_225.pth'),
+})
 
 # Official names -> ours: the model names of the release (MODEL.NAME in the configs), the config files, and the
 # builder functions of the official vmamba.py.
@@ -714,16 +717,22 @@ for _alias, _name in _OFFICIAL_NAMES.items():
 
 
 def _create_vssm(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build through the shared builder; ``features_only`` gives the official detection backbone layout."""
-    if kwargs.pop('features_only', False):
-        kwargs.pop('feature_norm', None)  # the per-stage norms are part of the official backbone
-        # build_model's own out_indices / output_fmt are for timm's feature wrapper: bind ours to the class.
-        backbone = functools.partial(VSSMBackbone, out_indices=tuple(kwargs.pop('out_indices', (0, 1, 2, 3))),
-                                     output_fmt=kwargs.pop('output_fmt', 'NCHW'))
-        return build_model(backbone, variant, pretrained, default_cfgs=default_cfgs,
-                           checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
-    return build_model(VSSM, variant, pretrained, default_cfgs=default_cfgs,
-                       checkpoint_filter_fn=checkpoint_filter_fn, **kwargs)
+    """Build through the shared builder. ``features_only``: timm's feature wrapper (FeatureGetterNet), as for every
+    family: the raw stage maps of ``forward_intermediates``. With ``feature_cfg=dict(norm=True)`` (or
+    ``feature_norm=True``) the wrapped model is the official detection backbone's layout (``VSSMBackbone``: each map
+    through its own norm ``outnorm{i}``), into which the backbone part of the official detection checkpoints loads.
+    """
+    feature_cfg = dict(kwargs.pop('feature_cfg', None) or {})
+    if kwargs.get('feature_norm') is not None:
+        feature_cfg['norm'] = kwargs.pop('feature_norm')
+    model_cls: Callable[..., nn.Module] = VSSM
+    feature_cls = kwargs.get('feature_cls', feature_cfg.get('feature_cls', 'getter'))
+    if kwargs.get('features_only') and feature_cls == 'getter' and feature_cfg.get('norm'):
+        out_indices = kwargs.get('out_indices', feature_cfg.get('out_indices', (0, 1, 2, 3)))
+        take_indices, _ = feature_take_indices(len(kwargs.get('depths', (2, 2, 9, 2))), out_indices)
+        model_cls = functools.partial(VSSMBackbone, out_indices=tuple(take_indices))
+    return build_model(model_cls, variant, pretrained, default_cfgs=default_cfgs,
+                       checkpoint_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
 
 
 # Every hyper-parameter of the official v2 configs (classification/configs/vssm/*.yaml).
