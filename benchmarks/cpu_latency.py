@@ -10,15 +10,16 @@ One run measures, side by side, float32 inference (eval, no_grad) at 224x224 on 
   (``set_scan_backend('ref')``: two (batch, dim, L, N) tensors, one step at a time, as mamba_ssm's reference), for
   VMamba also the reference cross scan / merge (gather and scatter-add, ``cross_scan_ref`` / ``cross_merge_ref``,
   patched into ``mambazoo.ops.cross_scan`` in place of the time-major fast versions ``cross_selective_scan``
-  uses), for those rows only, and the linear layers on ``F.linear`` (MAMBAZOO_ONEDNN_LINEAR=0), as the official
-  code runs them. The reference outputs are checked against the fast ones at batch 1.
+  uses), for those rows only, and the linear layers on ``F.linear`` (the policy's ``cpu_linear='aten'``), as the
+  official code runs them. The reference outputs are checked against the fast ones at batch 1.
 
-Our rows' linear layers run on oneDNN (``ops/linear.py``; on AMD processors MKL's sgemm, what ``F.linear`` and
-so timm's models use, runs AVX2 code): ``MAMBAZOO_ONEDNN_LINEAR=0`` in the environment measures ours on
-``F.linear`` too, the comparison of the same GEMM library on both sides.
+Our rows' linear layers run through ``mambazoo.optimize_for_cpu`` (``ops/linear.py``): the machine's faster GEMM,
+measured once (oneDNN on AMD processors, where MKL's sgemm, what ``F.linear`` and so timm's models use, runs AVX2
+code): ``MAMBAZOO_CPU_LINEAR=aten`` in the environment measures ours on ``F.linear`` too, the comparison of the
+same GEMM library on both sides.
 
 Our rows run what a user gets: float32 CPU inference through the numba-compiled kernels (``ops/scan_numba.py``);
-``MAMBAZOO_NUMBA=0`` in the environment measures the pure-PyTorch paths instead (``benchmarks/cpu_kernels.py``
+``MAMBAZOO_NUMBA=0`` in the environment (read once, at import) measures the pure-PyTorch paths instead (``benchmarks/cpu_kernels.py``
 compares the two per kernel).
 
 Batch-1 and batch-8 median latency; the models take turns within every repeat (the order reversed every other
@@ -192,25 +193,18 @@ def code_path(row: Row) -> Iterator[None]:
         yield
         return
     import importlib
-    from mambazoo.ops import get_scan_backend, set_scan_backend
+    from mambazoo.ops import scan_policy
     vmamba_ops = importlib.import_module('mambazoo.ops.cross_scan')  # where cross_selective_scan finds them
-    previous = get_scan_backend()
     patched = {'cross_scan_time_major': _cross_scan_time_major_ref,
                'cross_merge_time_major': _cross_merge_time_major_ref} if row.model.startswith('vmamba') else {}
     saved = {name: getattr(vmamba_ops, name) for name in patched}
-    saved_linear = os.environ.get('MAMBAZOO_ONEDNN_LINEAR')
-    set_scan_backend('ref')
-    os.environ['MAMBAZOO_ONEDNN_LINEAR'] = '0'  # the official code's linear layers: F.linear (MKL's sgemm)
     for name, fn in patched.items():
         setattr(vmamba_ops, name, fn)
     try:
-        yield
+        # the reference scan, and the official code's linear layers: F.linear (PyTorch's default GEMM)
+        with scan_policy(backend='ref', cpu_linear='aten'):
+            yield
     finally:
-        set_scan_backend(previous)
-        if saved_linear is None:
-            os.environ.pop('MAMBAZOO_ONEDNN_LINEAR', None)
-        else:
-            os.environ['MAMBAZOO_ONEDNN_LINEAR'] = saved_linear
         for name, fn in saved.items():
             setattr(vmamba_ops, name, fn)
 
@@ -227,7 +221,7 @@ def scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, bc_gro
     2 (none is made for a B or C already time-major, e.g. Vim's, nor for a fixed (dim, N) one, which is only
     viewed).
 
-    ``compiled`` (``_scan_inference_compiled``, numba's loop, what float32 CPU inference runs): the state
+    ``compiled`` (``selective_scan_compiled``, numba's loop, what float32 CPU inference runs): the state
     (batch, N, dim) and the returned last state (batch, dim, N), A^T*log2(e) (N, dim) and a zero vector (dim);
     unless the inputs are already ``time_major`` (the Mamba mixer's and VMamba's are), float32 time-major copies
     of u, delta (and z when ``gated``) and the time-major y the output is copied from, (L, batch, dim) each;
@@ -272,7 +266,7 @@ def cross_scan_workspace_bytes(batch: int, dim: int, length: int, d_state: int, 
 
 
 def mixer_scan_workspace_bytes(dim: int, d_state: int, branches: int, element_size: int = 4) -> int:
-    """Bytes the Mamba mixer's compiled scan (``_blocks.Mamba._forward_compiled`` -> ``scan_numba.run_mixer_scan``,
+    """Bytes the Mamba mixer's compiled scan (``ops.mamba_inner_scan`` -> ``scan_numba.run_mixer_scan``,
     float32 CPU inference of Vim and the hybrid) allocates besides its (batch, L, d) output; ``dim`` = K d, the
     channels of its K ``branches``. From the code (keep in step with it): A (the concatenated A_log, its exp, the
     negation), A^T*log2(e) and its contiguous copy, (dim, N) each; the concatenated D and delta_bias (dim each);
@@ -301,22 +295,21 @@ def _copied_in_scan(M: torch.Tensor) -> bool:
 def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
     """Append the sizes of every chunked-scan call made inside to ``shapes``."""
     from mambazoo.ops import SCAN_BACKENDS as backends  # the dict the dispatcher reads at every call
+    from mambazoo.ops import selective_scan as dispatch_module
     fast = backends['chunked']
+    compiled_scan = dispatch_module.selective_scan_compiled
 
-    from mambazoo.ops.scan_chunked import _compiled_kernel_applies, _time_major_bc
-    from mambazoo.ops.scan_reference import compute_dtype
-
-    def recording(u, delta, A, B, C, *args, **kwargs):
-        groups = 1 if B.dim() == 3 else (B.shape[1] if B.dim() == 4 else 0)
-        copies = int(_copied_in_scan(B)) + int(_copied_in_scan(C))
-        batch, dim, length = u.shape
-        compiled = _compiled_kernel_applies(u, _time_major_bc(B, batch, dim, length),
-                                            _time_major_bc(C, batch, dim, length), compute_dtype(u, A, B, C))
-        time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
-                         for x in (u, delta, kwargs.get('z')) if x is not None)
-        shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
-                       kwargs.get('z') is not None, 'scan', 0))
-        return fast(u, delta, A, B, C, *args, **kwargs)
+    def recorder(scan, compiled):
+        def recording(u, delta, A, B, C, *args, **kwargs):
+            groups = 1 if B.dim() == 3 else (B.shape[1] if B.dim() == 4 else 0)
+            copies = int(_copied_in_scan(B)) + int(_copied_in_scan(C))
+            batch, dim, length = u.shape
+            time_major = all(x.permute(2, 0, 1).is_contiguous() and x.dtype == torch.float32
+                             for x in (u, delta, kwargs.get('z')) if x is not None)
+            shapes.append((batch, dim, length, A.shape[1], groups, copies, compiled, time_major,
+                           kwargs.get('z') is not None, 'scan', 0))
+            return scan(u, delta, A, B, C, *args, **kwargs)
+        return recording
 
     import importlib
     cross_module = importlib.import_module('mambazoo.ops.cross_scan')
@@ -329,23 +322,25 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
                        False, False, 'cross', dt_weight.shape[2]))
         return cross_kernel(x, dts, dt_weight, A, B, *args)
 
-    blocks_module = importlib.import_module('mambazoo.models._blocks')
-    mixer_kernel = blocks_module.run_mixer_scan
+    mixer_module = importlib.import_module('mambazoo.ops.mamba_inner')
+    mixer_kernel = mixer_module.run_mixer_scan
 
     def recording_mixer(u, deltas, *args, **kwargs):
         batch, length, dim = u.shape
         shapes.append((batch, dim, length, args[2].shape[1], len(deltas), 0, True, False, True, 'mixer', 0))
         return mixer_kernel(u, deltas, *args, **kwargs)
 
-    backends['chunked'] = recording
+    backends['chunked'] = recorder(fast, False)
+    dispatch_module.selective_scan_compiled = recorder(compiled_scan, True)
     cross_module.run_cross_scan_kernel = recording_cross
-    blocks_module.run_mixer_scan = recording_mixer
+    mixer_module.run_mixer_scan = recording_mixer
     try:
         yield
     finally:
         backends['chunked'] = fast
+        dispatch_module.selective_scan_compiled = compiled_scan
         cross_module.run_cross_scan_kernel = cross_kernel
-        blocks_module.run_mixer_scan = mixer_kernel
+        mixer_module.run_mixer_scan = mixer_kernel
 
 
 # -- building, timing, memory ----------------------------------------------------------------------------------
@@ -356,7 +351,10 @@ def build(row: Row) -> torch.nn.Module:
     torch.manual_seed(0)
     if row.source == 'timm':
         return timm.create_model(row.model).eval()
-    return mambazoo.create_model(row.model).eval()
+    model = mambazoo.create_model(row.model).eval()
+    # what a user of our CPU inference runs: nn.Linear through the machine's faster GEMM (the stand-in rows keep
+    # PyTorch's default: their code_path sets the policy's cpu_linear to 'aten')
+    return mambazoo.optimize_for_cpu(model) if hasattr(mambazoo, 'optimize_for_cpu') else model
 
 
 def tune_allocator() -> Optional[bool]:
@@ -445,10 +443,8 @@ def machine_line(threads: int, allocator: Optional[bool]) -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     alloc = {None: 'absent', True: 'applied', False: 'not applied (not glibc)'}[allocator]
     try:
-        from mambazoo.ops.linear import onednn_linear_applies
-        with torch.no_grad():
-            probe = torch.zeros(1, 1)
-            linear = 'on oneDNN' if onednn_linear_applies(probe, probe, None) else 'on F.linear'
+        from mambazoo.ops.linear import cpu_linear_route
+        linear = {'onednn': 'on oneDNN', 'aten': 'on F.linear'}[cpu_linear_route()] + ' (optimize_for_cpu)'
     except ImportError:
         linear = 'on F.linear'
     return (f'# {cpu}, {os.cpu_count()} CPUs ({usable} usable), Python {platform.python_version()}, '

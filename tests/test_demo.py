@@ -15,13 +15,11 @@ import torch
 from PIL import Image
 
 import mambazoo
+from helpers import PROJECT_ROOT, TINY_MAMBAVISION, TINY_MAMBAVISION_ARGS, TINY_MAMBAVISION_YAML
 from mambazoo.cli import main
 from mambazoo.demo import _model_view_box, load_demo_model, predict_image
 from mambazoo.predict import build_eval_transform, class_names
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2])
-SMALL_ARGS = ['--model-kwargs', 'dim=8', 'in_dim=4', 'depths=[1,1,2,2]', 'num_heads=[1,1,2,2]']
 CHROMIUM = Path('/usr/bin/chromium')
 
 
@@ -39,7 +37,7 @@ def trained_checkpoint(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         config = load_config(None, [
-            'model.kwargs={dim: 8, in_dim: 4, depths: [1,1,2,2], num_heads: [1,1,2,2], window_size: [8,8,2,1]}',
+            f'model.kwargs={TINY_MAMBAVISION_YAML}',
             'data.name=digits', 'data.img_size=32', 'data.batch_size=32', 'sched.epochs=1', 'optim.lr=0.01',
             'train.max_steps_per_epoch=6', 'train.progress=false', 'train.tensorboard=false', 'train.plots=false',
             'train.threads=1', f'train.output={out}'])
@@ -54,7 +52,7 @@ def trained_checkpoint(tmp_path_factory):
 
 def test_predict_image_top5_and_overlay_on_a_photo(chelsea):
     torch.manual_seed(0)
-    model = mambazoo.create_model('mambavision_tiny', **SMALL).eval()  # 1000 classes: ImageNet names
+    model = mambazoo.create_model('mambavision_tiny', **TINY_MAMBAVISION).eval()  # 1000 classes: ImageNet names
     top, overlay = predict_image(model, chelsea, topk=5)
 
     with torch.no_grad():
@@ -75,7 +73,7 @@ def test_predict_image_top5_and_overlay_on_a_photo(chelsea):
 
 
 def test_predict_image_bad_input(chelsea):
-    model = mambazoo.create_model('mambavision_tiny', num_classes=3, **SMALL)
+    model = mambazoo.create_model('mambavision_tiny', num_classes=3, **TINY_MAMBAVISION)
     with pytest.raises(ValueError, match='upload'):
         predict_image(model, None)
     with pytest.raises(TypeError, match='PIL'):
@@ -130,9 +128,9 @@ def test_cli_demo_errors(tmp_path, capsys):
     assert 'Unknown model' in capsys.readouterr().err
     bad = tmp_path / 'broken.pth'
     bad.write_bytes(b'not a checkpoint')
-    assert main(['demo', '--model', 'mambavision_tiny', '--checkpoint', str(bad), *SMALL_ARGS]) == 2
+    assert main(['demo', '--model', 'mambavision_tiny', '--checkpoint', str(bad), *TINY_MAMBAVISION_ARGS]) == 2
     assert 'cannot read checkpoint' in capsys.readouterr().err
-    assert main(['demo', '--model', 'mambavision_tiny', '--num-classes', '0', *SMALL_ARGS]) == 2
+    assert main(['demo', '--model', 'mambavision_tiny', '--num-classes', '0', *TINY_MAMBAVISION_ARGS]) == 2
     assert 'num_classes > 0' in capsys.readouterr().err
 
 
@@ -177,7 +175,8 @@ def test_demo_in_headless_chromium(trained_checkpoint, chelsea, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE='1', GRADIO_ANALYTICS_ENABLED='False', OMP_NUM_THREADS='1')
     with open(log, 'w') as log_file:
         proc = subprocess.Popen([sys.executable, '-m', 'mambazoo.cli', 'demo', '--checkpoint', str(path),
-                                 '--port', str(port)], cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+                                 '--port', str(port)], cwd=PROJECT_ROOT, env=env, stdout=log_file,
+                                stderr=subprocess.STDOUT)
     outside = []
 
     def local_only(route):  # the page must work offline: anything not served by the demo is refused and noted

@@ -15,7 +15,6 @@ import torch
 import mambazoo
 from mambazoo import export
 from mambazoo.cli import main
-from mambazoo.ops import get_scan_backend, set_scan_backend
 
 TOL = 1e-4
 
@@ -35,6 +34,8 @@ FAMILIES = {
 SLOW_ONNX = {'vmamba_tiny'}
 
 pytest.importorskip('skimage.data')
+# The exports rely on 'auto' choosing the loop-free scan while tracing: every test runs under 'auto'.
+pytestmark = pytest.mark.usefixtures('auto_scan_backend')
 
 
 def family_params(slow=frozenset()):
@@ -57,15 +58,6 @@ def photos(model, size):
 def eager(model, x):
     with torch.no_grad():
         return model(x)
-
-
-@pytest.fixture(autouse=True)
-def auto_scan_backend():
-    """The exports rely on 'auto' choosing the loop-free scan while tracing: run every test under 'auto'."""
-    previous = get_scan_backend()
-    set_scan_backend('auto')
-    yield
-    set_scan_backend(previous)
 
 
 # ----------------------------------------------------------------------------------------------- ONNX

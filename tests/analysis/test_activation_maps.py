@@ -1,6 +1,4 @@
 """Activation maps per stage, the overlay the demo draws, and the image loading of the analysis commands."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -8,22 +6,19 @@ from PIL import Image
 from torch import nn
 
 import mambazoo
+from helpers import TINY_MAMBAVISION, skimage_photos
 from mambazoo.analysis.activations import (activation_maps, load_images, normalise_per_image, overlay_heatmap,
                                            save_activation_figure)
-
-SMALL_MAMBAVISION = dict(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2])
 
 
 @pytest.fixture(scope='module')
 def photos():
-    skdata = pytest.importorskip('skimage.data')
-    folder = Path(skdata.__file__).parent
-    return [folder / 'chelsea.png', folder / 'camera.png']  # RGB and grayscale
+    return skimage_photos('chelsea.png', 'camera.png')  # RGB and grayscale
 
 
 def test_one_map_per_stage_scaled_per_image():
     torch.manual_seed(0)
-    model = mambazoo.create_model('mambavision_tiny', **SMALL_MAMBAVISION)
+    model = mambazoo.create_model('mambavision_tiny', **TINY_MAMBAVISION)
     maps = activation_maps(model, torch.randn(3, 3, 64, 64))
     assert [tuple(m.shape) for m in maps] == [(3, 16, 16), (3, 8, 8), (3, 4, 4), (3, 2, 2)]
     for m in maps:
@@ -62,7 +57,7 @@ def test_overlay_heatmap():
 
 def test_load_images_and_figure(photos, tmp_path):
     torch.manual_seed(0)
-    model = mambazoo.create_model('mambavision_tiny', **SMALL_MAMBAVISION)
+    model = mambazoo.create_model('mambavision_tiny', **TINY_MAMBAVISION)
     images, crops, files = load_images(photos, model, img_size=64)
     assert images.shape == (2, 3, 64, 64) and [c.size for c in crops] == [(64, 64)] * 2 and files == photos
     maps = activation_maps(model, images)

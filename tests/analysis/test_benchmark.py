@@ -5,10 +5,10 @@ from dataclasses import fields
 import pytest
 import torch
 
+from helpers import TINY_MAMBAVISION
 from mambazoo.analysis.benchmark import (BenchmarkResult, PeakMemory, benchmark_report, create_any_model,
                                          format_benchmark_table, run_benchmark)
 
-SMALL_MAMBAVISION = dict(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2])
 MEASURED = ('params_m', 'gflops', 'infer_images_per_s', 'infer_ms_per_batch', 'latency_ms', 'infer_peak_memory_mb',
             'train_images_per_s', 'train_ms_per_step', 'train_peak_memory_mb')
 
@@ -18,7 +18,7 @@ def results():
     """Ours (small) against a timm model, inference and training, at two sizes; 48 is no multiple of 32."""
     torch.manual_seed(0)
     return run_benchmark(['mambavision_tiny'], ['test_vit'], sizes=(32, 48), batch_size=2, train=True, warmup=0,
-                         iters=1, model_kwargs=SMALL_MAMBAVISION)
+                         iters=1, model_kwargs=TINY_MAMBAVISION)
 
 
 def test_every_field_is_measured_and_reported(results):
@@ -39,7 +39,7 @@ def test_every_field_is_measured_and_reported(results):
         assert r.infer_images_per_s > 0 and r.train_images_per_s > 0 and r.gflops > 0
         assert r.infer_images_per_s == pytest.approx(2 / r.infer_ms_per_batch * 1e3)
     assert results[0].params_m == pytest.approx(sum(
-        p.numel() for p in create_any_model('mambavision_tiny', **SMALL_MAMBAVISION).parameters()) / 1e6)
+        p.numel() for p in create_any_model('mambavision_tiny', **TINY_MAMBAVISION).parameters()) / 1e6)
 
 
 def test_ratios_and_failures(results):

@@ -4,10 +4,9 @@ import torch
 from torch import nn
 
 import mambazoo
+from helpers import TINY_MAMBAVISION
 from mambazoo.analysis.flops import (PUBLISHED_FLOPS, attention_flops, count_flops, count_model_flops,
                                      selective_scan_flops)
-
-SMALL_MAMBAVISION = dict(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2])
 
 
 class _Attention(nn.Module):
@@ -42,7 +41,7 @@ def test_published_figures(name):
         assert count.by_op['attention'] > 0 and published.excludes == ('attention',)
 
 
-@pytest.mark.parametrize('name, kwargs', [('mambavision_tiny', SMALL_MAMBAVISION), ('hybrid_tiny', {})])
+@pytest.mark.parametrize('name, kwargs', [('mambavision_tiny', TINY_MAMBAVISION), ('hybrid_tiny', {})])
 def test_meta_count_equals_real_count(name, kwargs):
     """The meta path must count what real tensors count, attention and scan included."""
     torch.manual_seed(0)
@@ -54,7 +53,7 @@ def test_meta_count_equals_real_count(name, kwargs):
 
 
 def test_by_module_splits_the_total():
-    model = mambazoo.create_model('mambavision_tiny', **SMALL_MAMBAVISION)
+    model = mambazoo.create_model('mambavision_tiny', **TINY_MAMBAVISION)
     parts = ['patch_embed', 'levels.0', 'levels.1', 'levels.2', 'levels.3', 'norm', 'head']
     count = count_flops(model, (3, 64, 64), modules=parts)
     assert set(count.by_module) == set(parts)

@@ -2,10 +2,9 @@
 import torch
 
 import mambazoo
+from helpers import TINY_MAMBAVISION
 from mambazoo.analysis.flops import count_flops
 from mambazoo.analysis.summary import format_summary, summarize
-
-SMALL_MAMBAVISION = dict(dim=8, in_dim=4, depths=[1, 1, 2, 2], num_heads=[1, 1, 2, 2])
 
 
 def _meta(name, **kwargs):
@@ -14,7 +13,7 @@ def _meta(name, **kwargs):
 
 
 def test_mambavision_rows_add_up():
-    model = _meta('mambavision_tiny', **SMALL_MAMBAVISION)
+    model = _meta('mambavision_tiny', **TINY_MAMBAVISION)
     summary = summarize(model, (3, 64, 64), name='small')
     names = [r.name for r in summary.rows]
     assert names == ['patch_embed', 'levels.0', 'levels.1', 'levels.2', 'levels.3', 'norm', 'head']
@@ -34,9 +33,8 @@ def test_mambavision_rows_add_up():
 
 def test_mambaout_rows_follow_the_forward_order():
     summary = summarize(_meta('mambaout_femto', dims=[8, 16, 24, 32], depths=[1, 2, 1, 1]), (3, 64, 64))
-    assert [r.name for r in summary.rows][:4] == ['downsample_layers.0', 'stages.0', 'downsample_layers.1',
-                                                  'stages.1']
-    assert summary.rows[3].block_type == '2x GatedCNNBlock'
+    assert [r.name for r in summary.rows] == ['stem', 'stages.0', 'stages.1', 'stages.2', 'stages.3', 'head']
+    assert summary.rows[2].block_type == '2x GatedCNNBlock + downsample'
     assert all(r.flops > 0 for r in summary.rows if r.is_stage)
 
 

@@ -4,13 +4,13 @@ import gzip
 import logging
 import random
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import make_image_folder
 from mambazoo.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DatasetNotFoundError, ResumableSampler,
                            SafeImageFolder, SeededDataset, build_data, build_loader, derive_seed, load_digits,
                            load_fashion_mnist, read_idx)
@@ -140,34 +140,6 @@ def test_digits_split_sizes_determinism_and_partition():
 
 # ---------------------------------------------------------------------------------------------------------
 # Image folders with corrupt files
-
-def _png(path: Path, value: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    arr = np.clip(value + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
-def make_image_folder(root: Path, per_class: int = 6, bad: bool = True) -> dict:
-    """root/{train,val}/{dark,light}/*.png; with ``bad``, each split also holds a truncated PNG, a text file
-    named .jpg and an empty .png. Returns {split: [bad paths]}."""
-    bad_files = {}
-    for s, split in enumerate(('train', 'val')):
-        for c, (name, value) in enumerate((('dark', 50), ('light', 200))):
-            for i in range(per_class):
-                _png(root / split / name / f'{i:02d}.png', value, seed=1000 * s + 100 * c + i)
-        if bad:
-            truncated = root / split / 'dark' / '03_truncated.png'
-            _png(truncated, 50, seed=99)
-            data = truncated.read_bytes()
-            truncated.write_bytes(data[:len(data) // 2])
-            text = root / split / 'light' / '01_text.jpg'
-            text.write_text('this is not a JPEG\n')
-            empty = root / split / 'light' / '04_empty.png'
-            empty.write_bytes(b'')
-            bad_files[split] = sorted(str(p) for p in (truncated, text, empty))
-    return bad_files
-
 
 def test_safe_image_folder_skips_and_reports_bad_files(tmp_path, caplog):
     bad = make_image_folder(tmp_path)

@@ -51,13 +51,6 @@ def true_float32():
 
 
 @pytest.fixture(autouse=True)
-def auto_scan_backend():
-    """The dispatcher's choice is what the tests check: 'auto' whatever MAMBAZOO_SCAN says, restored afterwards."""
-    from mambazoo.ops import get_scan_backend, set_scan_backend
-
-    previous = get_scan_backend()
-    set_scan_backend('auto')
-    try:
-        yield
-    finally:
-        set_scan_backend(previous)
+def _dispatch_on_auto(auto_scan_backend):
+    """The dispatcher's choice is what the tests check: 'auto' whatever MAMBAZOO_SCAN says (tests/conftest.py)."""
+    yield

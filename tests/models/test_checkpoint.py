@@ -72,31 +72,10 @@ def fallback_warnings(caplog):
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
-class _NoDownload:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        raise AssertionError(f'network download attempted: {args} {kwargs}')
-
-
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No test of this file may reach the network (or the user's real Hugging Face cache)."""
-    import huggingface_hub
-    import huggingface_hub.constants
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    # huggingface_hub reads these at import time, so the environment alone would not reach it.
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    empty_cache = tmp_path / 'default_hf_cache'
-    empty_cache.mkdir()
-    monkeypatch.setenv('HF_HUB_CACHE', str(empty_cache))
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(empty_cache))
-    guard = _NoDownload()
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', guard)
-    yield guard
-    assert not guard.calls, 'a test tried to download'
+def offline(no_downloads):
+    """No test of this file may reach the network or the user's caches (tests/conftest.py)."""
+    return no_downloads
 
 
 @pytest.fixture(scope='module')

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mambazoo
+from helpers import assert_every_parameter_has_a_gradient, images, model_factory, spy
 from mambazoo.models import MambaHybrid
 from mambazoo.ops import mamba_inner as mamba_inner_module
 from mambazoo.models._blocks import Mamba
@@ -25,14 +26,8 @@ PHOTOS = ('astronaut', 'brick', 'camera', 'chelsea', 'clock', 'coffee', 'coins',
           'hubble_deep_field', 'immunohistochemistry', 'moon', 'page', 'retina', 'rocket', 'text')
 
 
-def images(*shape, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def tiny_model(seed: int = 0, **overrides) -> MambaHybrid:
-    """A narrow hybrid (2 Mamba + 2 attention blocks) for fast structural tests."""
-    torch.manual_seed(seed)
-    return MambaHybrid(**dict(dict(img_size=64, embed_dim=32, depth=4, num_heads=2, num_classes=10), **overrides))
+# A narrow hybrid (2 Mamba + 2 attention blocks) for fast structural tests: tiny_model(seed=0, **overrides).
+tiny_model = model_factory(MambaHybrid, dict(img_size=64, embed_dim=32, depth=4, num_heads=2, num_classes=10))
 
 
 def photo_batch(size: int) -> torch.Tensor:
@@ -169,12 +164,8 @@ def test_every_block_runs_its_operator(monkeypatch, set_policy):
     """Mamba blocks go through mambazoo's selective_scan (with the z gate), attention blocks through SDPA (the
     PyTorch path; float32 CPU inference runs the compiled mixer kernels instead, tested in tests/ops)."""
     set_policy(compiled_cpu=False)
-    scans, sdpa = [], []
-    real_scan, real_sdpa = mamba_inner_module.selective_scan, F.scaled_dot_product_attention
-    monkeypatch.setattr(mamba_inner_module, 'selective_scan',
-                        lambda *a, **k: scans.append(k.get('z') is not None) or real_scan(*a, **k))
-    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
-                        lambda *a, **k: sdpa.append(a[0].shape) or real_sdpa(*a, **k))
+    scans = spy(monkeypatch, mamba_inner_module, 'selective_scan', lambda *a, **k: k.get('z') is not None)
+    sdpa = spy(monkeypatch, torch.nn.functional, 'scaled_dot_product_attention', lambda *a, **k: a[0].shape)
     model = tiny_model(mamba_ratio=0.75).eval()
     with torch.no_grad():
         model(images(2, 3, 64, 64))
@@ -201,12 +192,9 @@ def test_gradients_flow_through_every_block():
             p.add_(0.05 * torch.randn_like(p))
     out = model(images(2, 3, 64, 64))
     (out * images(*out.shape, seed=3)).sum().backward()
-    params = dict(model.named_parameters())
-    bad = [n for n, p in params.items() if p.grad is None or not torch.isfinite(p.grad).all()
-           or not p.grad.abs().sum() > 0]
-    assert not bad, f'missing, zero or non-finite gradients: {bad}'
+    assert_every_parameter_has_a_gradient(model)
     for i in range(len(model.blocks)):
-        assert any(n.startswith(f'blocks.{i}.') for n in params)
+        assert any(n.startswith(f'blocks.{i}.') for n, _ in model.named_parameters())
 
 
 def test_overfits_sixteen_real_images():

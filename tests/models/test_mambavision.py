@@ -2,18 +2,17 @@
 
 Golden fixtures (outputs of the official mambavision 1.2.0 code with random weights, and the official state_dict
 key lists of every released variant) are read from ``../shared/fixtures/mambavision`` next to the project root;
-tests that need them are skipped when that folder is missing. Everything else runs on a tiny configuration
-(stage widths 7/14/28/56) at small resolutions so the whole file stays fast on a CPU.
+tests that need them are skipped when that folder is missing (they fail under CI=true: see tests/helpers.py).
+Everything else runs on a tiny configuration (stage widths 7/14/28/56) at small resolutions so the whole file stays
+fast on a CPU.
 """
-import copy
-import functools
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import mambazoo
+from helpers import (assert_alias_builds_same_architecture, assert_close_by_name, assert_every_parameter_has_a_gradient,
+                     assert_official_keys, fixture_names, float64_logits, golden_fixture, images, meta_model,
+                     model_factory, output_and_grads, read_fixture_json, record_outputs, rel_err, spy)
 from mambazoo.models import mambavision as mv
 from mambazoo.models.mambavision import MambaVision
 
@@ -50,61 +49,8 @@ F64_TOL = 1e-7  # relative L2 error, float64 vs the official float64 run
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def fixtures_dir() -> Path:
-    """``../shared/fixtures/mambavision`` next to the project root; skips the test when it is missing."""
-    folder = Path(__file__).parents[2].parent / 'shared' / 'fixtures' / 'mambavision'
-    if not folder.is_dir():
-        pytest.skip(f'golden fixtures not found: {folder} is missing (they live in ../shared/fixtures '
-                    f'next to the project root)')
-    return folder
-
-
-def read_json(name: str) -> dict:
-    path = fixtures_dir() / name
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing')
-    with open(path) as f:
-        return json.load(f)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, f'shape {tuple(got.shape)} vs expected {tuple(want.shape)}'
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).norm() / want.norm()).item()
-
-
-def small_model(seed: int = 0, **overrides) -> MambaVision:
-    torch.manual_seed(seed)
-    return MambaVision(**dict(SMALL, **overrides))
-
-
-def images(*shape, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@functools.lru_cache(maxsize=None)
-def meta_model(name: str) -> torch.nn.Module:
-    """A full-size variant built on the meta device (no memory, no init cost), cached across tests."""
-    with torch.device('meta'):
-        return mambazoo.create_model(name)
-
-
-@pytest.fixture(scope='module', params=GOLDENS)
-def golden(request):
-    """(name, fixture json, tensors, float32 model with the golden weights loaded strictly, in eval mode)."""
-    from safetensors.torch import load_file
-    name = request.param
-    meta = read_json(f'{name}.json')
-    path = fixtures_dir() / f'{name}.safetensors'
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing')
-    tensors = load_file(str(path))
-    state = {k[len('param.'):]: v for k, v in tensors.items() if k.startswith('param.')}
-    torch.manual_seed(0)
-    model = MambaVision(**meta['kwargs'])
-    result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return name, meta, tensors, model.eval()
+small_model = model_factory(MambaVision, SMALL)
+golden = golden_fixture('mambavision', MambaVision, GOLDENS)
 
 
 # ----------------------------------------------------------------------------- 1. official golden outputs
@@ -140,11 +86,7 @@ def test_golden_features(golden):
 
 def test_golden_float64(golden):
     name, _, t, model = golden
-    model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        logits = model64(t['input'].double())
-    assert logits.dtype == torch.float64
-    err = rel_err(logits, t['logits_f64'])
+    err = rel_err(float64_logits(model, t['input']), t['logits_f64'])
     assert err < F64_TOL, f'{name}: float64 logits relative error {err:.2e}'
 
 
@@ -166,26 +108,21 @@ def test_golden_intermediates_are_stages_before_downsample(golden):
 
 @pytest.mark.parametrize('variant', sorted(OFFICIAL_NAMES))
 def test_official_state_dict_keys_and_shapes(variant):
-    official = read_json(f'keys_{variant}.json')
+    official = read_fixture_json('mambavision', f'keys_{variant}.json')
     assert official['variant'] == variant
-    want = {k: tuple(shape) for k, shape, _ in official['keys']}
-    got = {k: tuple(v.shape) for k, v in meta_model(variant).state_dict().items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    assert not missing and not extra, f'{variant}: missing {missing[:10]}, unexpected {extra[:10]}'
-    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
-    assert not wrong, f'{variant}: shapes (ours, official) differ: {dict(list(wrong.items())[:10])}'
+    assert_official_keys(meta_model(variant), official, variant)
 
 
 @pytest.mark.parametrize('variant', sorted(OFFICIAL_NAMES))
 def test_official_num_params(variant):
-    official = read_json(f'keys_{variant}.json')
+    official = read_fixture_json('mambavision', f'keys_{variant}.json')
     n = sum(p.numel() for p in meta_model(variant).parameters())
     assert n == official['num_params'], f'{variant}: {n} parameters, official {official["num_params"]}'
 
 
 @pytest.mark.parametrize('variant', sorted(PUBLISHED_MPARAMS))
 def test_published_param_counts(variant):
-    n = read_json(f'keys_{variant}.json')['num_params']
+    n = read_fixture_json('mambavision', f'keys_{variant}.json')['num_params']
     assert abs(n / 1e6 - PUBLISHED_MPARAMS[variant]) <= 0.05 + 1e-9, \
         f'{variant}: {n / 1e6:.3f}M parameters, published {PUBLISHED_MPARAMS[variant]}M'
     ours = sum(p.numel() for p in meta_model(variant).parameters())
@@ -193,20 +130,14 @@ def test_published_param_counts(variant):
 
 
 def test_every_key_fixture_is_covered():
-    found = {p.name[len('keys_'):-len('.json')] for p in fixtures_dir().glob('keys_*.json')}
-    assert found == set(OFFICIAL_NAMES)
+    assert fixture_names('mambavision', 'keys_') == set(OFFICIAL_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------- 3. names
 
 @pytest.mark.parametrize('alias', sorted(OFFICIAL_NAMES))
 def test_official_alias_builds_same_architecture(alias):
-    name = OFFICIAL_NAMES[alias]
-    a, b = meta_model(alias), meta_model(name)
-    assert type(a) is MambaVision and type(b) is MambaVision
-    assert a.pretrained_cfg['architecture'] == b.pretrained_cfg['architecture'] == name
-    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
-    assert repr(a) == repr(b)
+    assert_alias_builds_same_architecture(alias, OFFICIAL_NAMES[alias], MambaVision)
 
 
 def test_list_models():
@@ -304,14 +235,9 @@ def test_forward_intermediates_indices_nhwc_stop_early():
             assert a.shape == (b.shape[0], b.shape[2], b.shape[3], b.shape[1])
             torch.testing.assert_close(a, b.permute(0, 2, 3, 1), rtol=0, atol=0)
 
-        calls = []
-        hooks = [model.levels[i].blocks[0].register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
-                 for i in range(4)]
-        try:
-            early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
-        finally:
-            for h in hooks:
-                h.remove()
+        early, ran = record_outputs([level.blocks[0] for level in model.levels], lambda: model.forward_intermediates(
+            x, indices=[1], stop_early=True, intermediates_only=True))
+        calls = [i for i, _ in ran]
         assert calls == [0, 1], f'stop_early ran stages {calls}'
         assert len(early) == 1
         torch.testing.assert_close(early[0], full[1], rtol=0, atol=0)
@@ -343,23 +269,18 @@ def test_grad_checkpointing_same_output_and_grads(monkeypatch):
     x = images(2, 3, 64, 64)
 
     def run():
-        model.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_(True)
-        out = model(xi)
-        (out * images(*out.shape, seed=7)).sum().backward()
-        return out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+        out, grads = output_and_grads(model, xi)
+        return out, xi.grad, grads
 
     out0, gx0, g0 = run()
-    calls = []
-    real = mv.grad_checkpoint
-    monkeypatch.setattr(mv, 'grad_checkpoint', lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    calls = spy(monkeypatch, mv, 'grad_checkpoint')
     model.set_grad_checkpointing(True)
     out1, gx1, g1 = run()
     assert len(calls) == sum(SMALL['depths']), 'set_grad_checkpointing(True) did not checkpoint every block'
     torch.testing.assert_close(out1, out0)
     torch.testing.assert_close(gx1, gx0)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], msg=lambda m, n=n: f'{n}: {m}')
+    assert_close_by_name(g1, g0)
     model.set_grad_checkpointing(False)
     calls.clear()
     with torch.no_grad():
@@ -421,12 +342,7 @@ def test_gradients_reach_every_parameter(layer_scale):
     params = dict(model.named_parameters())
     if layer_scale is not None:
         assert any('gamma' in n for n in params)
-    none = [n for n, p in params.items() if p.grad is None]
-    zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
-    nonfinite = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    assert not none, f'no gradient: {none}'
-    assert not zero, f'all-zero gradient: {zero}'
-    assert not nonfinite, f'non-finite gradient: {nonfinite}'
+    assert_every_parameter_has_a_gradient(model)
 
 
 # ------------------------------------------------------------------------------ 7. in_chans=1, num_classes=0

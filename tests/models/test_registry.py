@@ -38,30 +38,10 @@ def perturbed_state(model, seed=3):
             for k, v in model.state_dict().items()}
 
 
-class _Refuse:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        raise AssertionError(f'network download attempted: {args} {kwargs}')
-
-
 @pytest.fixture(autouse=True)
-def offline(monkeypatch, tmp_path):
-    """No test here may reach the network or the user's caches (Hugging Face's and torch hub's)."""
-    import huggingface_hub
-    import huggingface_hub.constants
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)
-    (tmp_path / 'hf').mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'hf'))
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-    guard = _Refuse()
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', guard)
-    monkeypatch.setattr(torch.hub, 'download_url_to_file', guard)
-    yield guard
-    assert not guard.calls, 'a test tried to download'
+def offline(no_downloads):
+    """No test of this file may reach the network or the user's caches (tests/conftest.py)."""
+    return no_downloads
 
 
 # ------------------------------------------------------------------------------------------ 1. explicit None

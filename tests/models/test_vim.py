@@ -1,12 +1,10 @@
 """Vision Mamba (Vim): numerically equal to the official model, checkpoint-compatible, any resolution, timm surface.
 
 Golden fixtures (outputs of the official hustvl/Vim code with random weights, and the official state_dict key lists
-of every released variant) come from ``shared_fixtures``/vim; tests that need them skip when it is missing.
+of every released variant) come from ``../shared/fixtures/vim``; tests that need them skip when it is missing (they
+fail under CI=true: see tests/helpers.py).
 Everything else runs on small configurations (width 32-48, depth 2-4) so the file stays fast on a CPU.
 """
-import copy
-import functools
-import json
 import warnings
 
 import pytest
@@ -14,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import mambazoo
+from helpers import (assert_close_by_name, assert_every_parameter_has_a_gradient, assert_official_keys, fixture_names,
+                     float64_logits, golden_fixture, images, meta_model, model_factory, output_and_grads, perturb,
+                     read_fixture_json, record_outputs, rel_err, spy)
 from mambazoo.models import VisionMamba
 from mambazoo.models import vim as vim_module
 from mambazoo.models._blocks import Mamba
@@ -46,58 +47,10 @@ F64_TOL = 3e-7
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, f'shape {tuple(got.shape)} vs expected {tuple(want.shape)}'
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).norm() / want.norm()).item()
+small_model = model_factory(VisionMamba, SMALL)
 
 
-def images(*shape, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def small_model(seed: int = 0, **overrides) -> VisionMamba:
-    torch.manual_seed(seed)
-    return VisionMamba(**dict(SMALL, **overrides))
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its initial value (norm weights 1, zero biases, ...) so that none is a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model
-
-
-def read_json(folder, name: str) -> dict:
-    path = folder / 'vim' / name
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing')
-    with open(path) as f:
-        return json.load(f)
-
-
-@functools.lru_cache(maxsize=None)
-def meta_model(name: str) -> torch.nn.Module:
-    """A full-size variant built on the meta device (no memory, no init cost), cached across tests."""
-    with torch.device('meta'):
-        return mambazoo.create_model(name)
-
-
-@pytest.fixture(scope='module', params=GOLDENS)
-def golden(request, shared_fixtures):
-    """(name, fixture json, tensors, float32 model with the golden weights loaded strictly, in eval mode)."""
-    from safetensors.torch import load_file
-    name = request.param
-    meta = read_json(shared_fixtures, f'{name}.json')
-    tensors = load_file(str(shared_fixtures / 'vim' / f'{name}.safetensors'))
-    state = {k[len('param.'):]: v for k, v in tensors.items() if k.startswith('param.')}
-    torch.manual_seed(0)
-    model = VisionMamba(**meta['kwargs'])
-    result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    return name, meta, tensors, model.eval()
+golden = golden_fixture('vim', VisionMamba, GOLDENS)
 
 
 # ----------------------------------------------------------------------------- 1. official golden outputs
@@ -112,14 +65,9 @@ def test_golden_logits(golden):
 def test_golden_layers(golden):
     """layerI = the mixer output of layers[I] (B, tokens, D), class token at num_patches // 2."""
     name, meta, t, model = golden
-    outputs = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: outputs.append(out[0])) for layer in model.layers]
-    try:
-        with torch.no_grad():
-            model(t['input'])
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad():
+        _, ran = record_outputs(model.layers, lambda: model(t['input']))
+    outputs = [out[0] for _, out in ran]
     n_layers = meta['kwargs']['depth']
     assert len(outputs) == n_layers and all(f'layer{i}' in t for i in range(n_layers))
     errors = {f'layer{i}': rel_err(out, t[f'layer{i}']) for i, out in enumerate(outputs)}
@@ -146,11 +94,9 @@ def test_golden_features_are_the_class_token(golden):
 
 def test_golden_float64(golden):
     name, _, t, model = golden
-    model64 = copy.deepcopy(model).double()
+    logits = float64_logits(model, t['input'])
     with torch.no_grad():
-        logits = model64(t['input'].double())
         err32 = rel_err(model(t['input']), t['logits_f64'])
-    assert logits.dtype == torch.float64
     err = rel_err(logits, t['logits_f64'])
     assert err < F64_TOL, f'{name}: float64 logits relative error {err:.2e}'
     assert err < err32 / 4, f'{name}: float64 ({err:.2e}) is not closer to the float64 run than float32 ({err32:.2e})'
@@ -195,9 +141,7 @@ def test_mixer_matches_two_separate_scans(bimamba_type, divide, path, monkeypatc
     torch.manual_seed(0)
     mixer = perturb(Mamba(24, d_state=8, bimamba_type=bimamba_type, if_divide_out=divide))
     h = images(3, 17, 24)
-    kernel_calls = []
-    real_kernel = mamba_inner_module.run_mixer_scan
-    monkeypatch.setattr(mamba_inner_module, 'run_mixer_scan', lambda *a: kernel_calls.append(1) or real_kernel(*a))
+    kernel_calls = spy(monkeypatch, mamba_inner_module, 'run_mixer_scan')
     with torch.no_grad():
         got = mixer(h)
     assert len(kernel_calls) == (path == 'compiled')
@@ -230,10 +174,7 @@ def test_mixer_one_scan_call_per_layer(monkeypatch, set_policy):
     """The PyTorch path (autograd, other devices, compiled_cpu off): one selective_scan call on both directions'
     stacked channels per layer."""
     set_policy(compiled_cpu=False)
-    calls = []
-    real = mamba_inner_module.selective_scan
-    monkeypatch.setattr(mamba_inner_module, 'selective_scan',
-                        lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    calls = spy(monkeypatch, mamba_inner_module, 'selective_scan', lambda *a, **k: a[0].shape)
     model = small_model().eval()
     with torch.no_grad():
         model(images(1, 3, 64, 64))
@@ -245,11 +186,8 @@ def test_mixer_one_scan_call_per_layer(monkeypatch, set_policy):
 def test_mixer_compiled_path_on_cpu_inference(monkeypatch):
     """Float32 CPU inference: one compiled conv and one compiled two-direction scan per layer, no selective_scan;
     with gradients the PyTorch path, to the same result."""
-    calls = {name: [] for name in ('run_mixer_conv_silu', 'run_mixer_scan', 'selective_scan')}
-    for name, seen in calls.items():
-        real = getattr(mamba_inner_module, name)
-        monkeypatch.setattr(mamba_inner_module, name,
-                            lambda *a, _real=real, _seen=seen, **k: _seen.append(1) or _real(*a, **k))
+    calls = {name: spy(monkeypatch, mamba_inner_module, name)
+             for name in ('run_mixer_conv_silu', 'run_mixer_scan', 'selective_scan')}
     model = small_model().eval()
     x = images(2, 3, 64, 64)
     with torch.no_grad():
@@ -276,20 +214,16 @@ def test_mixer_compiled_path_on_cpu_inference(monkeypatch):
 # ------------------------------------------------------------------ 3. official keys, shapes and sizes
 
 @pytest.mark.parametrize('alias', sorted(OFFICIAL_NAMES))
-def test_official_state_dict_keys_and_shapes(alias, shared_fixtures):
-    official = read_json(shared_fixtures, f'keys_{alias}.json')
-    want = [(k, tuple(shape)) for k, shape, _ in official['keys']]
-    got = [(k, tuple(v.shape)) for k, v in meta_model(alias).state_dict().items()]
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    assert not missing and not extra, f'{alias}: missing {missing[:10]}, unexpected {extra[:10]}'
-    assert got == want, f'{alias}: same keys and shapes, different order'
+def test_official_state_dict_keys_and_shapes(alias):
+    official = read_fixture_json('vim', f'keys_{alias}.json')
+    assert_official_keys(meta_model(alias), official, alias, ordered=True)
     assert all(dtype == 'float32' for _, _, dtype in official['keys'])
     assert all(v.dtype == torch.float32 for v in meta_model(alias).state_dict().values())
 
 
 @pytest.mark.parametrize('alias', sorted(OFFICIAL_NAMES))
-def test_official_num_params(alias, shared_fixtures):
-    official = read_json(shared_fixtures, f'keys_{alias}.json')
+def test_official_num_params(alias):
+    official = read_fixture_json('vim', f'keys_{alias}.json')
     n = sum(p.numel() for p in meta_model(alias).parameters())
     assert n == official['num_params'], f'{alias}: {n} parameters, official {official["num_params"]}'
     name = OFFICIAL_NAMES[alias]
@@ -297,9 +231,8 @@ def test_official_num_params(alias, shared_fixtures):
     assert round(n / 1e6, 1) == MPARAMS[name]
 
 
-def test_every_key_fixture_is_covered(shared_fixtures):
-    found = {p.name[len('keys_'):-len('.json')] for p in (shared_fixtures / 'vim').glob('keys_*.json')}
-    assert found == set(OFFICIAL_NAMES)
+def test_every_key_fixture_is_covered():
+    assert fixture_names('vim', 'keys_') == set(OFFICIAL_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------- 4. names
@@ -522,15 +455,9 @@ def test_forward_intermediates_options():
         pairs = model.forward_intermediates(x, return_prefix_tokens=True, intermediates_only=True)
         assert pairs[0][1].shape == (2, 1, 32)
         torch.testing.assert_close(pairs[0][0], full[0])
-        calls = []
-        hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
-                 for i, layer in enumerate(model.layers)]
-        try:
-            early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
-        finally:
-            for h in hooks:
-                h.remove()
-        assert calls == [0, 1]
+        early, ran = record_outputs(model.layers, lambda: model.forward_intermediates(
+            x, indices=[1], stop_early=True, intermediates_only=True))
+        assert [i for i, _ in ran] == [0, 1]
         torch.testing.assert_close(early[0], full[1], rtol=0, atol=0)
         with pytest.raises(ValueError, match='output_fmt'):
             model.forward_intermediates(x, output_fmt='NCL')
@@ -586,33 +513,20 @@ def test_grad_checkpointing_same_output_and_grads(monkeypatch):
     model = small_model().eval()
     x = images(2, 3, 64, 64)
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        (out * images(*out.shape, seed=7)).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    out0, g0 = run()
-    calls = []
-    real = vim_module.grad_checkpoint
-    monkeypatch.setattr(vim_module, 'grad_checkpoint', lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    out0, g0 = output_and_grads(model, x)
+    calls = spy(monkeypatch, vim_module, 'grad_checkpoint')
     model.set_grad_checkpointing(True)
-    out1, g1 = run()
+    out1, g1 = output_and_grads(model, x)
     assert len(calls) == SMALL['depth']
     torch.testing.assert_close(out1, out0)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], msg=lambda m, n=n: f'{n}: {m}')
+    assert_close_by_name(g1, g0)
 
 
 def test_residual_stream_stays_float32_in_bfloat16():
     model = small_model().eval().to(torch.bfloat16)
-    seen = []
-    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append((out[0].dtype, out[1].dtype)))
-             for layer in model.layers]
     with torch.no_grad():
-        out = model(images(1, 3, 64, 64).to(torch.bfloat16))
-    for h in hooks:
-        h.remove()
+        out, ran = record_outputs(model.layers, lambda: model(images(1, 3, 64, 64).to(torch.bfloat16)))
+    seen = [(layer_out[0].dtype, layer_out[1].dtype) for _, layer_out in ran]
     assert seen == [(torch.bfloat16, torch.float32)] * SMALL['depth']
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
@@ -625,10 +539,7 @@ def test_gradients_reach_every_parameter():
     (out * images(*out.shape, seed=3)).sum().backward()
     params = dict(model.named_parameters())
     assert 'layers.0.mixer.gamma' in params
-    none = [n for n, p in params.items() if p.grad is None]
-    zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
-    nonfinite = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    assert not none and not zero and not nonfinite, f'none {none}, zero {zero}, non-finite {nonfinite}'
+    assert_every_parameter_has_a_gradient(model)
 
 
 def test_drop_path_only_in_training():

@@ -2,20 +2,22 @@
 
 Golden fixtures (outputs of the official MzeroMiko/VMamba code with random weights, and the official state_dict key
 lists of the v2 configurations) are read from ``../shared/fixtures/vmamba`` next to the project root; tests that
-need them are skipped when that folder is missing. Every ``golden_*.json`` found there is tested, so further
-fixtures dropped into the folder are picked up. Everything else runs on a small configuration (widths 8/16/32/64,
-d_state 2) at small resolutions so the whole file stays fast on a CPU.
+need them are skipped when that folder is missing (they fail under CI=true: see tests/helpers.py). Every
+``golden_*.json`` found there is tested, so further fixtures dropped into the folder are picked up. Everything else
+runs on a small configuration (widths 8/16/32/64, d_state 2) at small resolutions so the whole file stays fast on a
+CPU.
 """
 import copy
-import functools
 import importlib
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import mambazoo
+from helpers import (SHARED_FIXTURES, assert_alias_builds_same_architecture, assert_close_by_name,
+                     assert_every_parameter_has_a_gradient, assert_official_keys, fixture_names, float64_logits,
+                     images, load_golden, meta_model, model_factory, output_and_grads, perturb, read_fixture_json,
+                     record_outputs, rel_err, spy)
 from mambazoo.analysis import count_flops
 from mambazoo.models import VSSM
 from mambazoo.models import vmamba as vm
@@ -23,7 +25,6 @@ from mambazoo.models.vmamba import VSSMBackbone, checkpoint_filter_fn
 from mambazoo.ops import cross_merge, cross_scan_index, selective_scan_ref
 cross_scan_ops = importlib.import_module("mambazoo.ops.cross_scan")  # the module (the package exports a function of that name)
 
-FIXTURES = Path(__file__).parents[2].parent / 'shared' / 'fixtures' / 'vmamba'
 # Key-list fixture -> our name, and the official names that must build the same architecture.
 KEY_FIXTURES = {
     'tiny_s1l8': 'vmamba_tiny', 'small_s2l15': 'vmamba_small', 'base_s2l15': 'vmamba_base',
@@ -52,74 +53,20 @@ F64_TOL = 1e-7  # relative L2 error, float64 vs an official float64 run
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def read_json(name: str) -> dict:
-    path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing (golden fixtures live in ../shared/fixtures next to the project)')
-    with open(path) as f:
-        return json.load(f)
+small_model = model_factory(VSSM, SMALL)
 
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    assert got.shape == want.shape, f'shape {tuple(got.shape)} vs expected {tuple(want.shape)}'
-    got, want = got.detach().double(), want.detach().double()
-    return ((got - want).norm() / want.norm()).item()
-
-
-def images(*shape, seed: int = 1) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def small_model(seed: int = 0, **overrides) -> VSSM:
-    torch.manual_seed(seed)
-    return VSSM(**dict(SMALL, **overrides))
-
-
-def perturb(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its initial value (norms, biases, D, A_logs...) so that none can hide."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-@functools.lru_cache(maxsize=None)
-def meta_model(name: str) -> torch.nn.Module:
-    """A full-size variant built on the meta device (no memory, no init cost), cached across tests."""
-    with torch.device('meta'):
-        return mambazoo.create_model(name)
-
-
-GOLDENS = sorted(p.stem for p in FIXTURES.glob('golden_*.json')) or ['golden_s1l8_224', 'golden_s2_dstate4_192']
+GOLDENS = (sorted(p.stem for p in (SHARED_FIXTURES / 'vmamba').glob('golden_*.json'))
+           or ['golden_s1l8_224', 'golden_s2_dstate4_192'])
 
 
 @pytest.fixture(scope='module', params=GOLDENS)
 def golden(request):
     """(name, json, tensors, model with the golden weights loaded strictly, eval, and its outputs computed once)."""
-    from safetensors.torch import load_file
     name = request.param
-    meta = read_json(f'{name}.json')
-    path = FIXTURES / f'{name}.safetensors'
-    if not path.is_file():
-        pytest.skip(f'fixture {path} is missing')
-    tensors = load_file(str(path))
-    state = {k[len('param.'):]: v for k, v in tensors.items() if k.startswith('param.')}
-    torch.manual_seed(0)
-    model = VSSM(**meta['kwargs'])
-    result = model.load_state_dict(state, strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    model.eval()
-    stages = {}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: stages.__setitem__(i, out))
-             for i, layer in enumerate(model.layers)]
-    try:
-        with torch.no_grad():
-            logits = model(tensors['input'])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return name, meta, tensors, model, dict(logits=logits, stages=stages)
+    meta, tensors, _, model = load_golden('vmamba', name, VSSM)
+    with torch.no_grad():
+        logits, ran = record_outputs(model.layers, lambda: model(tensors['input']))
+    return name, meta, tensors, model, dict(logits=logits, stages=dict(ran))
 
 
 def as_official_layout(model: VSSM, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +95,7 @@ def test_golden_stages(golden):
 def test_golden_float64(golden):
     """A float64 copy agrees with the official float32 run to float32 precision (and with float64 data if any)."""
     name, _, t, model, out = golden
-    model64 = copy.deepcopy(model).double()
-    with torch.no_grad():
-        logits = model64(t['input'].double())
-    assert logits.dtype == torch.float64
+    logits = float64_logits(model, t['input'])
     err = rel_err(logits, t['logits'])
     assert err < F32_TOL, f'{name}: float64 logits vs official float32 logits: {err:.2e}'
     assert rel_err(logits, out['logits']) < F32_TOL
@@ -164,21 +108,15 @@ def test_golden_float64(golden):
 
 @pytest.mark.parametrize('fixture', sorted(KEY_FIXTURES))
 def test_official_state_dict_keys_and_shapes(fixture):
-    official = read_json(f'keys_vmamba_{fixture}.json')
+    official = read_fixture_json('vmamba', f'keys_vmamba_{fixture}.json')
     name = KEY_FIXTURES[fixture]
-    want = {k: tuple(shape) for k, shape, _ in official['keys']}
-    got = {k: tuple(v.shape) for k, v in meta_model(name).state_dict().items()}
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    assert not missing and not extra, f'{name}: missing {missing[:10]}, unexpected {extra[:10]}'
-    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
-    assert not wrong, f'{name}: shapes (ours, official) differ: {dict(list(wrong.items())[:10])}'
-    assert list(got) == [k for k, _, _ in official['keys']], f'{name}: key order differs from the official one'
+    assert_official_keys(meta_model(name), official, name, ordered=True)
     assert all(dtype == 'float32' for _, _, dtype in official['keys'])
 
 
 @pytest.mark.parametrize('fixture', sorted(KEY_FIXTURES))
 def test_official_num_params(fixture):
-    official = read_json(f'keys_vmamba_{fixture}.json')
+    official = read_fixture_json('vmamba', f'keys_vmamba_{fixture}.json')
     name = KEY_FIXTURES[fixture]
     n = sum(p.numel() for p in meta_model(name).parameters())
     assert n == official['num_params'], f'{name}: {n} parameters, official {official["num_params"]}'
@@ -191,10 +129,7 @@ def test_published_param_counts(name):
 
 
 def test_every_key_fixture_is_covered():
-    found = {p.name[len('keys_vmamba_'):-len('.json')] for p in FIXTURES.glob('keys_vmamba_*.json')}
-    if not found:
-        pytest.skip(f'no key fixtures in {FIXTURES}')
-    assert found == set(KEY_FIXTURES)
+    assert fixture_names('vmamba', 'keys_vmamba_') == set(KEY_FIXTURES)
 
 
 # ------------------------------------------------------------------------------------------------ 3. FLOPs
@@ -235,12 +170,7 @@ def test_flop_count_scales_with_resolution_and_counts_the_scans():
 
 @pytest.mark.parametrize('alias', sorted(OFFICIAL_NAMES))
 def test_official_alias_builds_same_architecture(alias):
-    name = OFFICIAL_NAMES[alias]
-    a, b = meta_model(alias), meta_model(name)
-    assert type(a) is VSSM and type(b) is VSSM
-    assert a.pretrained_cfg['architecture'] == b.pretrained_cfg['architecture'] == name
-    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
-    assert repr(a) == repr(b)
+    assert_alias_builds_same_architecture(alias, OFFICIAL_NAMES[alias], VSSM)
 
 
 def test_list_models_and_exports():
@@ -287,15 +217,12 @@ def test_one_selective_scan_call_per_block_with_directions_folded_into_channels(
     """The pure-PyTorch CPU path (what autograd and float64 take; here forced with the policy's compiled_cpu off)."""
     set_policy(compiled_cpu=False)
     model = small_model().eval()
-    calls = []
-    real = cross_scan_ops.selective_scan  # what cross_selective_scan calls on a CPU
 
-    def spy(u, delta, A, B, C, D=None, **kwargs):
-        calls.append(dict(u=tuple(u.shape), delta=tuple(delta.shape), A=tuple(A.shape), B=tuple(B.shape),
-                          C=tuple(C.shape), D=tuple(D.shape), kwargs=sorted(kwargs)))
-        return real(u, delta, A, B, C, D, **kwargs)
+    def shapes(u, delta, A, B, C, D=None, **kwargs):
+        return dict(u=tuple(u.shape), delta=tuple(delta.shape), A=tuple(A.shape), B=tuple(B.shape),
+                    C=tuple(C.shape), D=tuple(D.shape), kwargs=sorted(kwargs))
 
-    monkeypatch.setattr(cross_scan_ops, 'selective_scan', spy)
+    calls = spy(monkeypatch, cross_scan_ops, 'selective_scan', shapes)  # what cross_selective_scan calls on a CPU
     with torch.no_grad():
         model(images(2, 3, 64, 96))
     assert len(calls) == sum(SMALL['depths'])
@@ -313,15 +240,12 @@ def test_one_compiled_cross_scan_per_block_in_cpu_inference(monkeypatch):
     if not scan_numba.numba_importable():
         pytest.skip('numba is not installed')
     model = small_model().eval()
-    calls = []
-    real = cross_scan_ops.run_cross_scan_kernel
 
-    def spy(x, dts, dt_weight, A, B, C, *args):
-        calls.append(dict(x=tuple(x.shape), dts=tuple(dts.shape), dt_weight=tuple(dt_weight.shape),
-                          A=tuple(A.shape), B=tuple(B.shape)))
-        return real(x, dts, dt_weight, A, B, C, *args)
+    def shapes(x, dts, dt_weight, A, B, C, *args):
+        return dict(x=tuple(x.shape), dts=tuple(dts.shape), dt_weight=tuple(dt_weight.shape), A=tuple(A.shape),
+                    B=tuple(B.shape))
 
-    monkeypatch.setattr(cross_scan_ops, 'run_cross_scan_kernel', spy)
+    calls = spy(monkeypatch, cross_scan_ops, 'run_cross_scan_kernel', shapes)
     with torch.no_grad():
         model(images(2, 3, 64, 96))
     assert len(calls) == sum(SMALL['depths'])
@@ -413,14 +337,9 @@ def test_forward_intermediates():
             ln = torch.nn.functional.layer_norm(b.permute(0, 2, 3, 1), b.shape[1:2], eps=1e-5).permute(0, 3, 1, 2)
             torch.testing.assert_close(a, ln)
 
-        calls = []
-        hooks = [model.layers[i].blocks[0].register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
-                 for i in range(4)]
-        try:
-            early = model.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        early, ran = record_outputs([layer.blocks[0] for layer in model.layers], lambda: model.forward_intermediates(
+            x, indices=[1], stop_early=True, intermediates_only=True))
+        calls = [i for i, _ in ran]
         assert calls == [0, 1], f'stop_early ran stages {calls}'
         assert torch.equal(early[0], inter[1])
         with pytest.raises(ValueError):
@@ -441,12 +360,14 @@ def test_prune_intermediate_layers():
 
 
 def test_features_only_is_the_official_detection_backbone():
-    """features_only: per-stage maps through outnorm{i}, with the official Backbone_VSSM state_dict keys."""
+    """features_only with feature_norm: timm's wrapper around the official detection backbone (per-stage maps
+    through outnorm{i}, the official Backbone_VSSM state_dict keys)."""
     torch.manual_seed(0)
-    backbone = mambazoo.create_model('vmamba_tiny', features_only=True, **TINY_OVERRIDES).eval()
+    wrapper = mambazoo.create_model('vmamba_tiny', features_only=True, feature_norm=True, **TINY_OVERRIDES).eval()
     torch.manual_seed(0)
     full = mambazoo.create_model('vmamba_tiny', **TINY_OVERRIDES).eval()
-    assert isinstance(backbone, VSSMBackbone)
+    backbone = wrapper.model
+    assert isinstance(backbone, VSSMBackbone) and wrapper.default_cfg['input_size'] == (3, 224, 224)
     assert backbone.feature_info.channels() == [8, 16, 32, 64]
     assert backbone.feature_info.reduction() == [4, 8, 16, 32]
     want_keys = {k for k in full.state_dict() if not k.startswith('classifier.')}
@@ -458,7 +379,7 @@ def test_features_only_is_the_official_detection_backbone():
             getattr(backbone, f'outnorm{i}').weight.mul_(1.5)
             getattr(backbone, f'outnorm{i}').bias.add_(0.25)
         x = images(2, 3, 64, 96)
-        feats = backbone(x)
+        feats = wrapper(x)
         raw = full.forward_intermediates(x, intermediates_only=True)
     assert isinstance(feats, list) and len(feats) == 4
     for i, (f, r) in enumerate(zip(feats, raw)):
@@ -466,9 +387,10 @@ def test_features_only_is_the_official_detection_backbone():
         ln = torch.nn.functional.layer_norm(r.permute(0, 2, 3, 1), r.shape[1:2], norm.weight, norm.bias, 1e-5)
         torch.testing.assert_close(f, ln.permute(0, 3, 1, 2))
 
-    some = mambazoo.create_model('vmamba_tiny', features_only=True, out_indices=(1, 2), **TINY_OVERRIDES).eval()
+    some = mambazoo.create_model('vmamba_tiny', features_only=True, feature_norm=True, out_indices=(1, 2),
+                                 **TINY_OVERRIDES).eval()
     assert some.feature_info.channels() == [16, 32] and some.feature_info.reduction() == [8, 16]
-    assert {k.split('.')[0] for k in some.state_dict() if k.startswith('outnorm')} == {'outnorm1', 'outnorm2'}
+    assert {k.split('.')[0] for k in some.model.state_dict() if k.startswith('outnorm')} == {'outnorm1', 'outnorm2'}
     with torch.no_grad():
         assert [tuple(f.shape) for f in some(images(1, 3, 64, 64))] == [(1, 16, 8, 8), (1, 32, 4, 4)]
 
@@ -477,22 +399,13 @@ def test_grad_checkpointing_same_output_and_grads(monkeypatch):
     model = perturb(small_model()).train()
     x = images(2, 3, 32, 32)
 
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(x)
-        (out * images(*out.shape, seed=7)).sum().backward()
-        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    out0, g0 = run()
-    calls = []
-    real = vm.grad_checkpoint
-    monkeypatch.setattr(vm, 'grad_checkpoint', lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    out0, g0 = output_and_grads(model, x)
+    calls = spy(monkeypatch, vm, 'grad_checkpoint')
     model.set_grad_checkpointing(True)
-    out1, g1 = run()
+    out1, g1 = output_and_grads(model, x)
     assert len(calls) == sum(SMALL['depths'])
     torch.testing.assert_close(out1, out0)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], msg=lambda m, n=n: f'{n}: {m}')
+    assert_close_by_name(g1, g0)
     assert small_model(use_checkpoint=True).layers[0].grad_checkpointing
 
 
@@ -575,13 +488,7 @@ def test_gradients_reach_every_parameter():
     x = images(2, 3, 32, 48).requires_grad_()
     out = model(x)
     (out * images(*out.shape, seed=3)).sum().backward()
-    params = dict(model.named_parameters())
-    none = [n for n, p in params.items() if p.grad is None]
-    zero = [n for n, p in params.items() if p.grad is not None and not p.grad.abs().sum() > 0]
-    nonfinite = [n for n, p in params.items() if p.grad is not None and not torch.isfinite(p.grad).all()]
-    assert not none, f'no gradient: {none}'
-    assert not zero, f'all-zero gradient: {zero}'
-    assert not nonfinite, f'non-finite gradient: {nonfinite}'
+    assert_every_parameter_has_a_gradient(model)
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
@@ -696,21 +603,22 @@ def test_checkpoint_filter_fn_converts_official_variants():
 def test_detection_checkpoint_loads_into_features_only(tmp_path):
     """An mmdet checkpoint ('backbone.' prefix, outnorms, neck/head keys) loads into the features_only model."""
     torch.manual_seed(0)
-    backbone = mambazoo.create_model('vmamba_tiny', features_only=True, **TINY_OVERRIDES)
+    backbone = mambazoo.create_model('vmamba_tiny', features_only=True, feature_norm=True, **TINY_OVERRIDES).model
     trained = perturb(copy.deepcopy(backbone), seed=3).state_dict()
     det = {f'backbone.{k}': v for k, v in trained.items()}
     det['neck.lateral_convs.0.conv.weight'] = torch.zeros(4, 8, 1, 1)
     path = tmp_path / 'mask_rcnn_vssm_fpn_coco_tiny_s_epoch_12.pth'
     torch.save({'state_dict': det, 'meta': {'epoch': 12}}, path)
-    loaded = mambazoo.create_model('vmamba_tiny', features_only=True, checkpoint_path=path, **TINY_OVERRIDES)
+    loaded = mambazoo.create_model('vmamba_tiny', features_only=True, feature_norm=True, checkpoint_path=path,
+                                   **TINY_OVERRIDES).model
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, trained[k]), k
 
     # A classification checkpoint into the backbone: classifier dropped, outnorms keep their initial values.
     clf = perturb(mambazoo.create_model('vmamba_tiny', **TINY_OVERRIDES), seed=4).state_dict()
     torch.save({'model': clf}, tmp_path / 'cls.pth')
-    loaded = mambazoo.create_model('vmamba_tiny', features_only=True, checkpoint_path=tmp_path / 'cls.pth',
-                                   **TINY_OVERRIDES)
+    loaded = mambazoo.create_model('vmamba_tiny', features_only=True, feature_norm=True,
+                                   checkpoint_path=tmp_path / 'cls.pth', **TINY_OVERRIDES).model
     for k, v in loaded.state_dict().items():
         if k.startswith('outnorm'):
             assert torch.equal(v, torch.ones_like(v) if k.endswith('weight') else torch.zeros_like(v)), k

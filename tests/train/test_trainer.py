@@ -20,15 +20,12 @@ import pytest
 import torch
 import yaml
 
+from helpers import PROJECT_ROOT, TINY_MAMBAVISION_YAML, TINY_TRAIN_SETS, make_image_folder
 from mambazoo.cli import main as cli_main
 from mambazoo.train import DEFAULTS, apply_overrides, evaluate, load_config, train
 from mambazoo.train.checkpoint import load_training_state, save_atomic
 from mambazoo.train.trainer import find_batch_size
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY_KWARGS = '{dim: 8, in_dim: 4, depths: [1,1,2,2], num_heads: [1,1,2,2], window_size: [8,8,2,1]}'
-TINY = [f'model.kwargs={TINY_KWARGS}', 'data.img_size=32', 'data.batch_size=8', 'train.progress=false',
-        'train.tensorboard=false', 'train.plots=false', 'train.threads=1']
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
 
 
@@ -41,11 +38,11 @@ def _restore_torch_threads():
 
 
 def _train(out: Path, *sets: str, resume=None):
-    return train(load_config(None, [*TINY, *sets, f'train.output={out}']), resume=resume)
+    return train(load_config(None, [*TINY_TRAIN_SETS, *sets, f'train.output={out}']), resume=resume)
 
 
 def _cli(args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, '-m', 'mambazoo.cli', *args], env=ENV, cwd=ROOT, **kwargs)
+    return subprocess.Popen([sys.executable, '-m', 'mambazoo.cli', *args], env=ENV, cwd=PROJECT_ROOT, **kwargs)
 
 
 def _tensors(state):
@@ -139,7 +136,7 @@ def test_model_kwargs_overrides_merge_with_yaml(tmp_path):
     assert c['model']['kwargs'] == {'dim': 8, 'in_dim': 4, 'depths': [1, 2, 2, 2], 'custom_arg': 'x',
                                     'num_heads': [1, 1, 2, 2]}
     # The shipped recipe loads, and a --set merges into its kwargs.
-    c = load_config(ROOT / 'configs' / 'fashion_mnist_cpu.yaml', ['model.kwargs.dim=16', 'sched.epochs=1'])
+    c = load_config(PROJECT_ROOT / 'configs' / 'fashion_mnist_cpu.yaml', ['model.kwargs.dim=16', 'sched.epochs=1'])
     assert c['model']['kwargs']['dim'] == 16 and c['model']['kwargs']['depths'] == [1, 2, 2, 2]
     assert c['sched']['epochs'] == 1 and c['optim']['lr'] == 0.003 and c['data']['name'] == 'fashion_mnist'
 
@@ -479,7 +476,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     assert ref['global_step'] == TOTAL_STEPS
 
     out = tmp_path / 'killed'
-    args = ['train', '--set', *TINY, *KILL_SETS, '--output', str(out)]
+    args = ['train', '--set', *TINY_TRAIN_SETS, *KILL_SETS, '--output', str(out)]
     log = open(tmp_path / 'log.txt', 'w+')
     for i, threshold in enumerate((1, 5, 8)):  # first checkpoint, mid epoch 1, mid epoch 2
         proc = _cli(args + (['--resume'] if i else []), stdout=log, stderr=subprocess.STDOUT)
@@ -531,9 +528,9 @@ def ddp_runs(tmp_path_factory):
         pytest.skip('torchrun is not installed beside the interpreter')
     ddp_out = base / 'ddp'
     proc = subprocess.run([str(torchrun), '--standalone', '--nproc_per_node=2', '-m', 'mambazoo.cli', 'train',
-                           '--set', *TINY, *DDP_SETS, 'data.batch_size=32', 'train.tensorboard=true',
+                           '--set', *TINY_TRAIN_SETS, *DDP_SETS, 'data.batch_size=32', 'train.tensorboard=true',
                            '--output', str(ddp_out)],
-                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
+                          env=ENV, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     threads = torch.get_num_threads()
     try:
@@ -561,7 +558,7 @@ def test_gloo_two_processes_match_one_process_with_the_same_global_batch(ddp_run
     import mambazoo
     seed_all(derive_seed(0, 0, 0xA11))  # the trainer's initialisation seed for rank 0
     init = mambazoo.create_model('mambavision_tiny', num_classes=10, in_chans=1, drop_path_rate=0.0,
-                                 **yaml.safe_load(TINY_KWARGS)).state_dict()
+                                 **yaml.safe_load(TINY_MAMBAVISION_YAML)).state_dict()
     keys = [k for k, v in init.items() if v.is_floating_point() and 'running' not in k]
     u_one, u_ddp, u_half = (_update(s['model'], init, keys) for s in (one, ddp, half))
     rel_ddp = ((u_ddp - u_one).norm() / u_one.norm()).item()
@@ -599,28 +596,6 @@ def test_gloo_cli_final_line_once(ddp_runs):
 # ---------------------------------------------------------------------------------------------------------
 # Corrupt images in an image folder
 
-def make_image_folder(root: Path, per_class: int) -> dict:
-    """root/{train,val}/{dark,light}/*.png (learnable: dark vs light), plus in each split a truncated PNG, a text
-    file named .jpg and an empty .png. Returns {split: sorted bad paths}."""
-    from PIL import Image
-    bad = {}
-    for s, split in enumerate(('train', 'val')):
-        for c, (name, value) in enumerate((('dark', 50), ('light', 200))):
-            (root / split / name).mkdir(parents=True)
-            for i in range(per_class):
-                noise = np.random.default_rng(1000 * s + 100 * c + i).integers(-20, 20, (32, 32, 3))
-                Image.fromarray(np.clip(value + noise, 0, 255).astype(np.uint8)).save(
-                    root / split / name / f'{i:02d}.png')
-        truncated, text, empty = (root / split / 'dark' / '03_cut.png', root / split / 'light' / '01_text.jpg',
-                                  root / split / 'light' / '04_empty.png')
-        data = (root / split / 'dark' / '00.png').read_bytes()
-        truncated.write_bytes(data[:len(data) // 2])
-        text.write_text('this is not a JPEG\n')
-        empty.write_bytes(b'')
-        bad[split] = sorted(str(p) for p in (truncated, text, empty))
-    return bad
-
-
 def test_training_over_corrupt_images_then_validate(tmp_path, caplog, capsys):
     bad = make_image_folder(tmp_path / 'images', per_class=8)
     out = tmp_path / 'run'
@@ -654,7 +629,7 @@ def test_validate_counts_only_readable_images(tmp_path):
     make_image_folder(tmp_path / 'images', per_class=8)
     from mambazoo.train.validate import validate
     metrics = validate('mambavision_tiny', None, tmp_path / 'images', batch_size=8, img_size=32,
-                       model_kwargs=yaml.safe_load(TINY_KWARGS))
+                       model_kwargs=yaml.safe_load(TINY_MAMBAVISION_YAML))
     assert len(metrics['skipped_files']) == 3
     assert metrics['count'] == 16
 
@@ -670,9 +645,9 @@ def test_validate_reads_last_pth(tiny_run, capsys):
 
 def test_smoke_train_and_validate_cli(tmp_path, capsys):
     out = tmp_path / 'smoke'
-    code = cli_main(['train', '--config', str(ROOT / 'configs' / 'fashion_mnist_cpu.yaml'), '--output', str(out),
-                     '--set', 'data.name=digits', f'model.kwargs={TINY_KWARGS}', 'data.batch_size=32',
-                     'data.eval_batch_size=128', 'train.max_steps_per_epoch=3', 'sched.epochs=2',
+    code = cli_main(['train', '--config', str(PROJECT_ROOT / 'configs' / 'fashion_mnist_cpu.yaml'),
+                     '--output', str(out), '--set', 'data.name=digits', f'model.kwargs={TINY_MAMBAVISION_YAML}',
+                     'data.batch_size=32', 'data.eval_batch_size=128', 'train.max_steps_per_epoch=3', 'sched.epochs=2',
                      'sched.warmup_epochs=0', 'train.progress=false', 'train.threads=1'])
     assert code == 0
     printed = capsys.readouterr().out

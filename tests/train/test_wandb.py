@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import PROJECT_ROOT, TINY_TRAIN_SETS
+
 wandb = pytest.importorskip('wandb')
 from wandb.proto import wandb_internal_pb2  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY_KWARGS = '{dim: 8, in_dim: 4, depths: [1,1,2,2], num_heads: [1,1,2,2], window_size: [8,8,2,1]}'
 
 
 def read_offline_run(path: Path):
@@ -59,11 +58,9 @@ def test_offline_wandb_run_logs_the_epoch_metrics(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('WANDB_')}
     env.update(OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', WANDB_SILENT='true',
                WANDB_CONFIG_DIR=str(tmp_path / 'wandb_config'), WANDB_CACHE_DIR=str(tmp_path / 'wandb_cache'))
-    sets = [f'model.kwargs={TINY_KWARGS}', 'data.img_size=32', 'data.batch_size=8', 'train.progress=false',
-            'train.tensorboard=false', 'train.plots=false', 'train.threads=1', 'data.name=fake',
-            'data.fake_size=[32,16]', 'sched.epochs=2', 'train.wandb=true']
+    sets = [*TINY_TRAIN_SETS, 'data.name=fake', 'data.fake_size=[32,16]', 'sched.epochs=2', 'train.wandb=true']
     proc = subprocess.run([sys.executable, '-m', 'mambazoo.cli', 'train', '--output', str(out), '--set', *sets],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((out / 'wandb').glob('offline-run-*/run-*.wandb'))
     assert len(runs) == 1, 'expected one offline run (WANDB_MODE defaults to offline)'

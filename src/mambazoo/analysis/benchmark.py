@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 # A name of this module, looked up at each call: benchmarks/scan_gpu.py swaps it to build channels-last models.
 from ..models import create_any_model
+from ..runtime import optimize_for_cpu
 
 __all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'run_benchmark', 'format_benchmark_table',
            'benchmark_report', 'PeakMemory']
@@ -276,6 +277,8 @@ def run_benchmark(
             try:
                 torch.manual_seed(0)
                 model = create_any_model(name, size, **kwargs)
+                if _library(name) == 'mambazoo' and device.type == 'cpu':
+                    optimize_for_cpu(model)  # ours as a user runs them on a CPU (timm's as timm gives them)
                 result.params_m = sum(p.numel() for p in model.parameters()) / 1e6
                 measured = benchmark_model(model, batch_size, size, device, amp, amp_dtype, train, latency,
                                            warmup, iters)

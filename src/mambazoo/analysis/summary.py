@@ -65,7 +65,7 @@ def _describe(module: nn.Module) -> str:
 
 def _row_modules(model: nn.Module) -> List[Tuple[str, bool]]:
     """(name, is_stage) of the rows: the stage modules, and the top-level children that hold no stage (those
-    children that are ModuleLists are split into their elements, e.g. MambaOut's downsample_layers)."""
+    children that are ModuleLists are split into their elements, e.g. VMamba's layers)."""
     stages = [info['module'] for info in getattr(model, 'feature_info', []) if isinstance(info, dict)
               and info.get('module')]
     rows = [(name, True) for name in stages]
