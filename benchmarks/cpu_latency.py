@@ -295,7 +295,8 @@ def _copied_in_scan(M: torch.Tensor) -> bool:
 def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
     """Append the sizes of every chunked-scan call made inside to ``shapes``."""
     from mambazoo.ops import SCAN_BACKENDS as backends  # the dict the dispatcher reads at every call
-    from mambazoo.ops import selective_scan as dispatch_module
+    import importlib
+    dispatch_module = importlib.import_module('mambazoo.ops.selective_scan')  # the module (ops exports the function)
     fast = backends['chunked']
     compiled_scan = dispatch_module.selective_scan_compiled
 
@@ -311,7 +312,6 @@ def record_scan_shapes(shapes: List[ScanShape]) -> Iterator[None]:
             return scan(u, delta, A, B, C, *args, **kwargs)
         return recording
 
-    import importlib
     cross_module = importlib.import_module('mambazoo.ops.cross_scan')
     cross_kernel = cross_module.run_cross_scan_kernel
 
