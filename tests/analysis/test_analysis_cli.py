@@ -44,7 +44,7 @@ def test_flops_states_convention_and_published_figure(capsys):
 
 def test_summary(capsys):
     code, out, _ = run_cli(['summary', '--model', 'mambaout_femto'], capsys)
-    assert code == 0 and '| stages.2 | 2 | 9x GatedCNNBlock |' in out and '7,304,536' in out
+    assert code == 0 and '| stages.2 | 2 | 9x GatedCNNBlock + downsample |' in out and '7,304,536' in out
     code, out, _ = run_cli(['summary', '--model', 'mambavision_tiny', '--img-size', '64', '--json',
                             *TINY_MAMBAVISION_ARGS], capsys)
     assert code == 0 and len([r for r in json.loads(out)['rows'] if r['is_stage']]) == 4

@@ -22,7 +22,7 @@ from mambazoo.analysis import count_flops
 from mambazoo.models import VSSM
 from mambazoo.models import vmamba as vm
 from mambazoo.models.vmamba import VSSMBackbone, checkpoint_filter_fn
-from mambazoo.ops import cross_merge, cross_scan_index, selective_scan_ref
+from mambazoo.ops import cross_scan_index, selective_scan_ref
 cross_scan_ops = importlib.import_module("mambazoo.ops.cross_scan")  # the module (the package exports a function of that name)
 
 # Key-list fixture -> our name, and the official names that must build the same architecture.

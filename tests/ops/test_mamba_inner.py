@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambazoo.ops import mamba_inner, mamba_inner_conv, mamba_inner_scan, scan_numba, selective_scan_ref
+from mambazoo.ops import mamba_inner, mamba_inner_conv, mamba_inner_scan, selective_scan_ref
 from mambazoo.ops.scan_numba import numba_importable
 
 needs_numba = pytest.mark.skipif(not numba_importable(), reason='numba is not installed')

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambazoo.ops import scan_chunked, scan_numba, selective_scan, selective_scan_chunked, selective_scan_ref
+from mambazoo.ops import scan_numba, selective_scan, selective_scan_ref
 from test_selective_scan import assert_rel_close, cast, make_inputs
 
 pytestmark = pytest.mark.skipif(not scan_numba.numba_importable(), reason='numba is not installed')

@@ -15,7 +15,6 @@ import math
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.mamba_inner import mamba_inner_conv, mamba_inner_scan

@@ -11,7 +11,7 @@ the policy):
                (not float64) when Triton is importable.
 The backend can be forced with ``set_scan_backend``, ``with ops.scan_policy(backend=...)`` or MAMBAZOO_SCAN.
 """
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
