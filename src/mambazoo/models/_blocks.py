@@ -33,8 +33,8 @@ def check_images(x: Tensor, in_chans: int, family: str, minimum: int = 1, offset
     if not torch.jit.is_scripting():
         if isinstance(x, torch.fx.Proxy):
             return
-    shape = '(' + ', '.join([str(size) for size in x.shape]) + ')'
     if x.dim() != 4 or x.shape[1] != in_chans:
+        shape = '(' + ', '.join([str(size) for size in x.shape]) + ')'
         raise ValueError(f'expected images (B, {in_chans}, H, W), got shape {shape}')
     if not x.is_floating_point():
         raise ValueError(f'expected floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255)')

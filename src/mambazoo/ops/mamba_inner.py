@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .policy import choose_implementation, fx_leaf_call
-from .scan_numba import run_mixer_conv_silu, run_mixer_scan
+from .scan_numba import check_shapes, run_mixer_conv_silu, run_mixer_scan
 from .selective_scan import selective_scan
 
 __all__ = ['mamba_inner_conv', 'mamba_inner_scan', 'mamba_inner_conv_ref', 'mamba_inner_scan_ref']
@@ -93,9 +93,7 @@ def _check_scan_args(u: Tensor, deltas: List[Tensor], projections: List[Tensor],
     for k in range(K):
         expected[f'deltas[{k}]'] = (deltas[k], (batch, length, d))
         expected[f'projections[{k}]'] = (projections[k], (batch, length, dt_rank + 2 * N))
-    for name, (t, shape) in expected.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f'mamba_inner_scan: {name} must have shape {shape}, got {tuple(t.shape)}')
+    check_shapes('mamba_inner_scan', expected)
 
 
 def mamba_inner_scan_ref(u: Tensor, deltas: List[Tensor], projections: List[Tensor], xz: Tensor, A: Tensor,
@@ -173,7 +171,7 @@ def _mamba_inner_scan(u: Tensor, deltas: List[Tensor], projections: List[Tensor]
 @torch.library.custom_op('mambazoo::mamba_inner_conv', mutates_args=())
 def _mamba_inner_conv_op(xz: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     """``mamba_inner_conv`` as a registered op, what TorchScript calls."""
-    return _mamba_inner_conv(xz, weight, bias, backend).clone()
+    return _mamba_inner_conv(xz, weight, bias, backend)
 
 
 @_mamba_inner_conv_op.register_fake
@@ -186,7 +184,7 @@ def _mamba_inner_scan_op(u: Tensor, deltas: List[Tensor], projections: List[Tens
                          D: Tensor, delta_bias: Optional[Tensor], dt_rank: int, divide: bool,
                          backend: Optional[str]) -> Tensor:
     """``mamba_inner_scan`` as a registered op, what TorchScript calls."""
-    return _mamba_inner_scan(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide, backend).clone()
+    return _mamba_inner_scan(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide, backend)
 
 
 @_mamba_inner_scan_op.register_fake

@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 from .policy import get_scan_policy
+from .scan_chunked import _time_major, _time_major_bc
+from .scan_reference import check_scan_args
 
 try:  # numba is a dependency, but the pure-PyTorch path covers a platform without its wheel
     import llvmlite.ir
@@ -43,8 +45,8 @@ try:  # numba is a dependency, but the pure-PyTorch path covers a platform witho
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-__all__ = ['numba_importable', 'selective_scan_compiled', 'scan_kernel_takes', 'run_scan_kernel', 'run_cross_scan_kernel',
-           'run_mixer_conv_silu', 'run_mixer_scan']
+__all__ = ['numba_importable', 'selective_scan_compiled', 'scan_kernel_takes', 'check_shapes', 'run_scan_kernel',
+           'run_cross_scan_kernel', 'run_mixer_conv_silu', 'run_mixer_scan']
 
 LOG2_E = math.log2(math.e)
 
@@ -300,8 +302,9 @@ if numba is not None:
                     y_t[j] = (y_t[j] + acc[j]) * _silu(z_t[j]) * scale
 
 
-def _check_shapes(caller: str, expected: dict) -> None:
-    """The compiled loops do no bounds checks: a wrong shape would read or write outside an array."""
+def check_shapes(caller: str, expected: dict) -> None:
+    """Raise a ValueError naming the first of ``expected`` ({name: (tensor, shape)}) whose shape differs. The
+    compiled loops do no bounds checks: a wrong shape would read or write outside an array."""
     for name, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
             raise ValueError(f'{caller}: {name} must have shape {shape}, got {tuple(t.shape)}')
@@ -330,7 +333,7 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
                 'B': (B, (length, batch, B.shape[2], N)), 'C': (C, (length, batch, B.shape[2], N))}
     if z is not None:
         expected['z'] = (z, (length, batch, dim))
-    _check_shapes('run_scan_kernel', expected)
+    check_shapes('run_scan_kernel', expected)
     if dim % B.shape[2]:
         raise ValueError(f'run_scan_kernel: {B.shape[2]} groups do not divide {dim} channels')
     for x in (h, y):
@@ -355,8 +358,6 @@ def selective_scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: T
     """``selective_scan`` by the compiled loop: float32 inference on a CPU, B and C per step
     (``scan_kernel_takes``). Same arguments and results as ``selective_scan_ref``; y comes back stored time-major
     when u is (the Mamba mixer's and VMamba's inputs), else in u's layout."""
-    from .scan_chunked import _time_major, _time_major_bc
-    from .scan_reference import check_scan_args
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     if not scan_kernel_takes(B, C):
         raise ValueError('selective_scan_compiled: B and C must be per step with the same number of groups')
@@ -393,7 +394,7 @@ def run_cross_scan_kernel(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, 
     expected = {'x': (x, (batch, length, dim)), 'dts': (dts, (batch, length, K, R)),
                 'dt_weight': (dt_weight, (K, dim, R)), 'B': (B, (batch, length, K, N)),
                 'C': (C, (batch, length, K, N)), 'A': (A, (K * dim, N)), 'positions': (positions, (K, length))}
-    _check_shapes('run_cross_scan_kernel', expected)
+    check_shapes('run_cross_scan_kernel', expected)
     if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= length):
         raise ValueError(f'run_cross_scan_kernel: positions must lie in [0, {length})')
     A2t, D, bias = _channel_parameters(A, D, delta_bias)
@@ -434,7 +435,7 @@ def run_mixer_conv_silu(xz: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
     channels = weight.shape[0]
     w_t = weight[:, 0, :].t().float().contiguous()
     bias = bias.float() if bias is not None else w_t.new_zeros(channels)
-    _check_shapes('run_mixer_conv_silu', {'bias': (bias, (channels,))})
+    check_shapes('run_mixer_conv_silu', {'bias': (bias, (channels,))})
     out = torch.empty(batch, length, channels, dtype=torch.float32)
     arrays = [t.contiguous().numpy() for t in (xz, w_t, bias, out)]
     _launch('conv', arrays, (), channels, _thread_count(batch * length * channels))
@@ -462,7 +463,7 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
     for k in range(K):
         expected[f'deltas[{k}]'] = (deltas[k], (batch, length, d))
         expected[f'projections[{k}]'] = (projections[k], (batch, length, dt_rank + 2 * N))
-    _check_shapes('run_mixer_scan', expected)
+    check_shapes('run_mixer_scan', expected)
     if any(t.dtype != torch.float32 for t in (u, xz, *deltas, *projections)):
         raise ValueError('run_mixer_scan: the activations must be float32')
     A2t, D, bias = _channel_parameters(A, D, delta_bias)
