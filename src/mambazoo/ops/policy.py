@@ -5,7 +5,8 @@ Every fused op (``selective_scan``, ``cross_selective_scan``, the Mamba mixer's 
 
     'ref'       the sequential definition (``scan_reference``): slow, the test oracle.
     'chunked'   pure PyTorch, differentiable, any device (``scan_chunked``).
-    'compiled'  numba-compiled CPU loops (``scan_numba``): float32 inference on a CPU only.
+    'compiled'  numba-compiled CPU loops (``scan_numba``): float32 on a CPU; in training only for ops whose
+                compiled kernels have a backward (the caller says so with ``compiled_grad``).
     'parallel'  the loop-free log-depth scan (``scan_parallel``): what tracers and exporters get.
     'triton'    fused Triton kernels (``scan_triton``): CUDA tensors.
 
@@ -126,12 +127,12 @@ def _triton_available() -> bool:
     return triton_available()
 
 
-def _compiled_applies(tensors: Sequence[Optional[Tensor]]) -> bool:
+def _compiled_applies(tensors: Sequence[Optional[Tensor]], compiled_grad: bool) -> bool:
     from .scan_numba import numba_importable
     present = [t for t in tensors if t is not None]
     return (_policy.compiled_cpu and numba_importable() and all(t.device.type == 'cpu' for t in present)
             and compute_dtype(*present) == torch.float32
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
+            and (compiled_grad or not (torch.is_grad_enabled() and any(t.requires_grad for t in present)))
             and not tracer_active())
 
 
@@ -149,13 +150,14 @@ def fx_leaf_call(fn: Callable, args: tuple, kwargs: dict):
 
 
 def choose_implementation(tensors: Sequence[Optional[Tensor]], backend: Optional[str] = None,
-                          compiled_layout: bool = True) -> str:
+                          compiled_layout: bool = True, compiled_grad: bool = False) -> str:
     """The implementation (one of IMPLEMENTATIONS) an op runs on ``tensors``.
 
     Args:
         tensors: the op's tensor inputs (None for absent optional ones).
         backend: the caller's override of the policy's backend for this call (None: the policy's).
         compiled_layout: whether the op's compiled kernel takes these inputs' layout (each op knows its kernel).
+        compiled_grad: whether the op's compiled implementation has a backward (then it runs under autograd too).
     """
     name = backend or _policy.backend
     if name not in SCAN_BACKEND_NAMES:
@@ -168,6 +170,6 @@ def choose_implementation(tensors: Sequence[Optional[Tensor]], backend: Optional
             name = 'triton'
         else:
             name = 'chunked'
-    if name == 'chunked' and compiled_layout and _compiled_applies(tensors):
+    if name == 'chunked' and compiled_layout and _compiled_applies(tensors, compiled_grad):
         return 'compiled'
     return name
