@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 __all__ = ['numba_importable', 'selective_scan_compiled', 'scan_kernel_takes', 'check_shapes', 'run_scan_kernel',
-           'run_cross_scan_kernel', 'run_mixer_conv_silu', 'run_mixer_scan']
+           'run_cross_scan_kernel', 'run_mixer_conv_silu', 'run_mixer_scan', 'register_kernel']
 
 LOG2_E = math.log2(math.e)
 
@@ -594,6 +594,16 @@ if numba is not None:
                                  data[4] != 0, c0, c1)
 
     _TASKS = {'scan': _scan_task, 'cross': _cross_task, 'conv': _conv_task, 'mixer': _mixer_task}
+
+
+def register_kernel(name: str, layout: tuple, task) -> None:
+    """Make kernel ``name`` launchable by ``_launch``: ``layout`` lists its arrays as (ndim, dtype) in the order of
+    the task's unpacking, ``task`` is its numba cfunc (data: [task counter, tasks, units, flag, flag, arrays...]).
+    Other modules' kernels (the backward ones) register here and share the thread machinery below."""
+    if name in _TASKS:
+        raise ValueError(f'kernel {name!r} is registered already')
+    _KERNEL_ARRAYS[name] = layout
+    _TASKS[name] = task
 
 
 _IMPORT_PID = os.getpid()
