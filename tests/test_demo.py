@@ -17,7 +17,7 @@ from PIL import Image
 import mambazoo
 from helpers import PROJECT_ROOT, TINY_MAMBAVISION, TINY_MAMBAVISION_ARGS, TINY_MAMBAVISION_YAML
 from mambazoo.cli import main
-from mambazoo.demo import _model_view_box, load_demo_model, predict_image
+from mambazoo.demo import _model_view_box, predict_image
 from mambazoo.predict import build_eval_transform, class_names
 
 CHROMIUM = Path('/usr/bin/chromium')
@@ -103,7 +103,8 @@ def test_model_view_box_matches_timm_transform(input_size, crop_pct, crop_mode, 
 
 def test_trained_checkpoint_gives_its_classes_channels_and_preprocessing(trained_checkpoint, chelsea):
     path, config = trained_checkpoint
-    model, labels = load_demo_model(checkpoint=path)  # the architecture comes from the checkpoint
+    model = mambazoo.load_model(path)  # the architecture comes from the checkpoint
+    labels = class_names(model)
     assert labels == [str(i) for i in range(10)]
     assert model.pretrained_cfg['input_size'] == (1, 32, 32)
     state = torch.load(path, map_location='cpu', weights_only=True)['model']
@@ -112,7 +113,7 @@ def test_trained_checkpoint_gives_its_classes_channels_and_preprocessing(trained
     # The trainer's own validation transform (grayscale, 32 px, its mean/std) on the same photo.
     from mambazoo.data.loader import build_data
     from mambazoo.models._builder import get_pretrained_cfg  # what the trainer passes to build_data
-    val_transform = build_data(config, get_pretrained_cfg(config['model']['name'])).val.transform
+    val_transform = build_data(config, get_pretrained_cfg(config['model']['name'])).test.transform
     with torch.no_grad():
         probs = model(val_transform(chelsea).unsqueeze(0)).softmax(-1)[0]
     top, overlay = predict_image(model, chelsea, topk=3, labels=labels)
@@ -123,7 +124,7 @@ def test_trained_checkpoint_gives_its_classes_channels_and_preprocessing(trained
 
 def test_cli_demo_errors(tmp_path, capsys):
     assert main(['demo']) == 2
-    assert 'name the model' in capsys.readouterr().err
+    assert 'name a model' in capsys.readouterr().err
     assert main(['demo', '--model', 'no_such_model']) == 2
     assert 'Unknown model' in capsys.readouterr().err
     bad = tmp_path / 'broken.pth'
@@ -166,7 +167,8 @@ def test_demo_in_headless_chromium(trained_checkpoint, chelsea, tmp_path):
     path, _ = trained_checkpoint
     photo = tmp_path / 'chelsea.png'
     chelsea.save(photo)
-    model, labels = load_demo_model(checkpoint=path)
+    model = mambazoo.load_model(path)
+    labels = class_names(model)
     expected, _ = predict_image(model, Image.open(photo), labels=labels)
 
     port = _free_port()

@@ -1,28 +1,36 @@
 """``mambazoo <command>``: a thin command-line layer over the library.
 
-Commands:
-    train --config CONFIG.yaml [--set key=value ...] [--resume]   train and validate
+Commands (a model is named by --model NAME, or given as a trained model file: --checkpoint PATH alone, for a
+checkpoint written by ``mambazoo train`` or a folder written by ``export --format folder``):
+    train --config CONFIG.yaml [--set key=value ...] [--resume] [--overwrite]   train, validate, test
     train --task detection|segmentation --config CONFIG.yaml       Faster/Mask R-CNN or FPN segmentation
-    validate --model NAME [--checkpoint PATH] --data DIR          top-1/top-5, loss, images/s
-    predict IMAGE... --model NAME [--checkpoint PATH] [--json]   top-k classes per image
-    list [PATTERN]                                                registered model names
-    random-checkpoint --model NAME --out PATH                     save randomly initialised weights
-    demo --model NAME [--checkpoint PATH] [--port N]              Gradio web demo on this machine
-    benchmark --model NAME... [--baseline NAME...] [--sweep] [--train] [--json]  images/s, latency, peak memory
-    flops --model NAME [--img-size N]                             parameters, FLOPs (MACs), published figures
-    analyze erf|activations --model NAME --data DIR [--checkpoint PATH]  ERF / activation-map PNGs
-    summary --model NAME                                          stages, blocks, shapes, parameters, FLOPs
-    show-data --data NAME|DIR                                     labelled grid of sample images, PNG
-    export --model NAME --format onnx|torchscript|folder --out PATH [--dynamic-batch] [--verify]  export a model
+    validate (--model NAME | --checkpoint PATH) --data DIR          top-1/top-5, loss, images/s
+    predict IMAGE... (--model NAME | --checkpoint PATH) [--json]    top-k classes per image
+    list [PATTERN]                                                 registered model names
+    random-checkpoint --model NAME --out PATH                      save randomly initialised weights
+    demo (--model NAME | --checkpoint PATH) [--port N]             Gradio web demo on this machine
+    benchmark (--model NAME... | --checkpoint PATH) [--baseline NAME...] [--sweep] [--train] [--json]
+    flops (--model NAME | --checkpoint PATH) [--img-size N]        parameters, FLOPs (MACs), published figures
+    analyze erf|activations (--model NAME | --checkpoint PATH) --data DIR   ERF / activation-map PNGs
+    summary (--model NAME | --checkpoint PATH)                     stages, blocks, shapes, parameters, FLOPs
+    show-data --data NAME|DIR                                      labelled grid of sample images, PNG
+    export (--model NAME | --checkpoint PATH) --format onnx|torchscript|folder --out PATH [--verify]
+
+Errors the user can fix (usage, config, data, checkpoints, files) print one ``error: ...`` line and exit with
+status 2; ``--debug`` shows the traceback instead.
 """
 import argparse
 import ast
 import json
 import logging
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ['main']
+__all__ = ['main', 'UsageError']
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given."""
 
 
 def _parse_kwargs(items: Optional[List[str]]) -> dict:
@@ -31,7 +39,7 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
     for item in items or []:
         key, sep, value = item.partition('=')
         if not sep or not key:
-            raise SystemExit(f'error: --model-kwargs expects key=value, got {item!r}')
+            raise UsageError(f'--model-kwargs expects key=value, got {item!r}')
         try:
             kwargs[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -42,10 +50,64 @@ def _parse_kwargs(items: Optional[List[str]]) -> dict:
 def _model_kwargs(args: argparse.Namespace) -> dict:
     """--model-kwargs, plus --num-classes where given: create_model passes an explicit None on to the model, so an
     option the user did not set is left out."""
-    kwargs = _parse_kwargs(args.model_kwargs)
+    kwargs = _parse_kwargs(getattr(args, 'model_kwargs', None))
     if getattr(args, 'num_classes', None) is not None:
         kwargs['num_classes'] = args.num_classes
     return kwargs
+
+
+def _check_device(name: str) -> None:
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f'unknown device {name!r}: use cpu or cuda[:N]') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); '
+                         f'use --device cpu')
+    if device.type not in ('cpu', 'cuda'):
+        raise UsageError(f'--device {name}: use cpu or cuda[:N]')
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f'{name} must be at least 1, got {value}')
+
+
+def _architecture(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
+    """The model name and arguments a command builds: --model and its options, or the record of the trained model
+    file --checkpoint (its name, arguments and evaluation config; --model-kwargs still win)."""
+    from mambazoo.models import CheckpointError, read_model_record
+    from mambazoo.models.model_file import recorded_cfg
+    kwargs = _model_kwargs(args)
+    if args.model:
+        return args.model, kwargs
+    if not getattr(args, 'checkpoint', None):
+        raise UsageError('name a model (--model NAME, see `mambazoo list`) or a trained model file (--checkpoint PATH)')
+    record = read_model_record(args.checkpoint, trusted=getattr(args, 'trusted', False))
+    if record is None:
+        raise CheckpointError(f'{args.checkpoint} does not record which model it holds (only checkpoints written by '
+                              f'`mambazoo train` and exported folders do): name it with --model NAME')
+    return record['name'], {**record['args'], 'pretrained_cfg_overlay': recorded_cfg(record), **kwargs}
+
+
+def _load_model(args: argparse.Namespace, purpose: str):
+    """(model in eval mode, its name): from --checkpoint alone when it records its model, else --model NAME with
+    --checkpoint / --pretrained weights. Says so on stderr when the weights are random (``purpose`` says what
+    they would be used for)."""
+    import mambazoo
+    kwargs = _model_kwargs(args)
+    trusted = getattr(args, 'trusted', False)
+    pretrained = getattr(args, 'pretrained', False)
+    if args.model is None:
+        name, _ = _architecture(args)
+        return mambazoo.load_model(args.checkpoint, trusted=trusted, **kwargs), name
+    model = mambazoo.create_model(args.model, pretrained=pretrained, checkpoint_path=args.checkpoint,
+                                  trusted=trusted, **kwargs).eval()
+    if args.checkpoint is None and not pretrained:
+        print(f'note: {args.model} has random weights (no --checkpoint or --pretrained): its {purpose} mean nothing',
+              file=sys.stderr)
+    return model, args.model
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -71,14 +133,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import mambazoo
     from mambazoo.predict import classify_files
 
+    _positive('--topk', args.topk)
+    _positive('--batch-size', args.batch_size)
+    _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                                      **_model_kwargs(args))
-    except (ValueError, mambazoo.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    model, name = _load_model(args, 'predictions')
     model.to(args.device)
     if args.device == 'cpu':
         mambazoo.optimize_for_cpu(model)  # the machine's faster GEMM for the linear layers (same results)
@@ -86,7 +146,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     failed = [r for r in results if r.error]
     if args.json:
         print(json.dumps({
-            'model': args.model, 'checkpoint': args.checkpoint,
+            'model': name, 'checkpoint': args.checkpoint,
             'results': [{'path': r.path, 'error': r.error,
                          'top': [{'label': lab, 'index': i, 'probability': p} for lab, i, p in r.top]}
                         for r in results],
@@ -95,13 +155,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     else:
         for r in results:
             if r.error:
-                print(f'{r.path}: ERROR {r.error}', file=sys.stderr)
+                print(f'error: {r.error}', file=sys.stderr)
                 continue
             print(r.path)
             for rank, (label, index, prob) in enumerate(r.top, 1):
                 print(f'  {rank}. {prob * 100:6.2f}%  {label} ({index})')
         print(f'throughput: {timing["images"]} images in {timing["seconds"]:.3f} s = '
-              f'{timing["images_per_s"]:.1f} images/s ({args.model}, {args.device}, batch {args.batch_size}, '
+              f'{timing["images_per_s"]:.1f} images/s ({name}, {args.device}, batch {args.batch_size}, '
               f'{torch.get_num_threads()} threads)')
     if failed:
         print(f'{len(failed)} of {len(results)} files could not be classified', file=sys.stderr)
@@ -113,7 +173,6 @@ _TASKS = ('classification', 'detection', 'segmentation')
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mambazoo.data import DatasetNotFoundError
     from mambazoo.train import load_config, train
     config = load_config(args.config, args.set or [])
     if args.output:
@@ -121,17 +180,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.task:
         config['task'] = args.task
     if config['task'] not in _TASKS:
-        print(f'error: task must be one of {", ".join(_TASKS)}, got {config["task"]!r}', file=sys.stderr)
-        return 2
-    try:
-        if config['task'] == 'classification':
-            result = train(config, resume=args.resume)
-        else:
-            from mambazoo.downstream.train import train_downstream
-            result = train_downstream(config, resume=args.resume)
-    except DatasetNotFoundError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        raise UsageError(f'task must be one of {", ".join(_TASKS)}, got {config["task"]!r}')
+    if config['train']['device'] not in ('auto', 'cpu'):
+        _check_device(config['train']['device'])
+    if config['task'] == 'classification':
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
+    else:
+        from mambazoo.downstream.train import train_downstream
+        result = train_downstream(config, resume=args.resume, overwrite=args.overwrite)
     if result['rank'] != 0:
         return 0
     final = result['final']
@@ -140,43 +196,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f'final ({config["task"]}, step {final.get("step")}): {shown}; best {result["metric"]} '
               f'{result["best"]:.4f} (step {result["best_step"]}), {result["seconds"]:.0f} s')
         return 0
-    print(f'final: val top-1 {final.get("val_top1", float("nan")):.2f}%, top-5 {final.get("val_top5", float("nan")):.2f}%, '
-          f'best top-1 {result["best_top1"]:.2f}% (epoch {result["best_epoch"]}), {result["seconds"]:.0f} s')
+    test = result.get('test')
+    tested = (f'; test top-1 {test["top1"]:.2f}%, top-5 {test["top5"]:.2f}% ({test["count"]} images, best.pth)'
+              if test else '')
+    print(f'final: val top-1 {final.get("val_top1", float("nan")):.2f}%, best val top-1 {result["best_top1"]:.2f}% '
+          f'(epoch {result["best_epoch"]}; validation: {result["val_source"]}){tested}, {result["seconds"]:.0f} s')
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     import mambazoo
-    from mambazoo.demo import build_demo, launch, load_demo_model
-    try:
-        model, labels = load_demo_model(args.model, args.checkpoint, num_classes=args.num_classes,
-                                        model_kwargs=_parse_kwargs(args.model_kwargs))
-        demo = build_demo(model, labels)
-    except (ValueError, ImportError, mambazoo.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    from mambazoo.demo import build_demo, launch
+    from mambazoo.predict import class_names
+    model, _ = _load_model(args, 'predictions')
+    mambazoo.optimize_for_cpu(model)  # the machine's faster GEMM for the linear layers (same results)
+    demo = build_demo(model, class_names(model))
     try:
         launch(demo, host=args.host, port=args.port)
     except OSError as e:  # port taken, or an address this machine does not have
-        print(f'error: cannot serve the demo at {args.host}:{args.port}: {e}', file=sys.stderr)
-        return 2
+        raise UsageError(f'cannot serve the demo at {args.host}:{args.port}: {e}') from e
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    import mambazoo
-    from mambazoo.data import DatasetNotFoundError
     from mambazoo.train.validate import validate
+    _positive('--batch-size', args.batch_size)
+    _check_device(args.device)
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    try:
-        metrics = validate(args.model, args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
-                           img_size=args.img_size, crop_pct=args.crop_pct, device=args.device, use_ema=args.ema,
-                           model_kwargs=_parse_kwargs(args.model_kwargs))
-    except (DatasetNotFoundError, ValueError, mambazoo.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    metrics = validate(args.model, args.checkpoint, args.data, batch_size=args.batch_size, workers=args.workers,
+                       img_size=args.img_size, crop_pct=args.crop_pct, device=args.device,
+                       use_ema=True if args.ema else None, model_kwargs=_parse_kwargs(args.model_kwargs),
+                       trusted=args.trusted)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -193,25 +245,30 @@ _ANALYSIS_DIR = 'outputs/analysis'
 def _cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
     from mambazoo.analysis.benchmark import DEFAULT_SWEEP, benchmark_report, format_benchmark_table, run_benchmark
+    _positive('--batch-size', args.batch_size)
+    _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model and args.checkpoint:
+        raise UsageError('benchmark takes --model NAME... or --checkpoint PATH (a trained model file), not both')
+    models, model_kwargs = (args.model, _parse_kwargs(args.model_kwargs)) if args.model else (None, None)
+    img_size = args.img_size
+    if models is None:
+        name, model_kwargs = _architecture(args)
+        models = [name]
+        img_size = img_size or model_kwargs['pretrained_cfg_overlay']['input_size'][-1]
     try:
         sweep = ','.join(map(str, DEFAULT_SWEEP)) if args.sweep == 'vim' else args.sweep
-        sizes = [int(s) for s in sweep.split(',')] if sweep else [args.img_size]
+        sizes = [int(s) for s in sweep.split(',')] if sweep else [img_size or 224]
     except ValueError:
-        print(f'error: --sweep expects comma-separated sizes, e.g. 224,512,1024; got {args.sweep!r}', file=sys.stderr)
-        return 2
+        raise UsageError(f'--sweep expects comma-separated sizes, e.g. 224,512,1024; got {args.sweep!r}') from None
     cuda = args.device.startswith('cuda')
-    try:
-        results = run_benchmark(args.model, args.baseline or [], sizes, batch_size=args.batch_size,
-                                device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, train=args.train,
-                                latency=not args.no_latency, warmup=args.warmup if args.warmup is not None else
-                                (10 if cuda else 2), iters=args.iters or (30 if cuda else 5),
-                                model_kwargs=_parse_kwargs(args.model_kwargs),
-                                log=None if args.json else lambda m: print(m, file=sys.stderr))
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    results = run_benchmark(models, args.baseline or [], sizes, batch_size=args.batch_size,
+                            device=args.device, amp=args.amp, amp_dtype=args.amp_dtype, train=args.train,
+                            latency=not args.no_latency, warmup=args.warmup if args.warmup is not None else
+                            (10 if cuda else 2), iters=args.iters or (30 if cuda else 5),
+                            model_kwargs=model_kwargs,
+                            log=None if args.json else lambda m: print(m, file=sys.stderr))
     report = benchmark_report(results, args.device)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -231,14 +288,15 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
 def _cmd_flops(args: argparse.Namespace) -> int:
     from mambazoo.analysis.flops import CONVENTION, PUBLISHED_FLOPS, count_model_flops
-    try:
-        count, params, _ = count_model_flops(args.model, img_size=args.img_size, batch_size=args.batch_size,
-                                             **_parse_kwargs(args.model_kwargs))
-    except (ValueError, TypeError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    published = PUBLISHED_FLOPS.get(args.model) if not args.model_kwargs and args.img_size in (None, 224) else None
-    report = {'model': args.model, 'img_size': args.img_size or 224, 'batch_size': args.batch_size,
+    _positive('--batch-size', args.batch_size)
+    _positive('--img-size', args.img_size)
+    name, kwargs = _architecture(args)
+    count, params, model = count_model_flops(name, img_size=args.img_size, batch_size=args.batch_size, **kwargs)
+    args.img_size = args.img_size or model.pretrained_cfg.get('input_size', (3, 224, 224))[-1]
+    args.model = name
+    published = PUBLISHED_FLOPS.get(name) if not args.model_kwargs and not args.checkpoint and args.img_size == 224 \
+        else None
+    report = {'model': name, 'img_size': args.img_size, 'batch_size': args.batch_size,
               'params': params, 'gflops': count.gflops, 'convention': CONVENTION,
               'by_op_gflops': {k: v / 1e9 for k, v in count.by_op.items()}}
     if published:
@@ -262,45 +320,29 @@ def _cmd_flops(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analysis_model(args: argparse.Namespace):
-    """The model of an analysis command (random weights unless --checkpoint), or an error message."""
-    import mambazoo
-    try:
-        return mambazoo.create_model(args.model, checkpoint_path=args.checkpoint, **_model_kwargs(args)), None
-    except (ValueError, mambazoo.CheckpointError) as e:
-        return None, str(e)
-
-
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from pathlib import Path
     from mambazoo.analysis.activations import activation_maps, load_images, save_activation_figure
     from mambazoo.analysis.erf import compute_erf, erf_heatmap, high_contribution_area_ratio, save_erf_png
-    from mambazoo.predict import ImageLoadError
-    model, error = _analysis_model(args)
-    if model is None:
-        print(f'error: {error}', file=sys.stderr)
-        return 2
-    in_chans = _parse_kwargs(args.model_kwargs).get('in_chans')
-    try:
-        limit = args.num_images if args.num_images is not None else (8 if args.what == 'erf' else 4)
-        images, crops, files = load_images(args.data, model, img_size=args.img_size, limit=limit, in_chans=in_chans)
-        if args.what == 'erf':
-            erf = compute_erf(model, images, stage=args.stage)
-            out = Path(args.out or f'{_ANALYSIS_DIR}/{args.model}_erf_stage{args.stage}.png')
-            save_erf_png(erf, out, title=f'{args.model} ERF, stage {args.stage}, {len(files)} images '
-                                         f'{images.shape[-2]}x{images.shape[-1]}')
-            ratios = high_contribution_area_ratio(erf_heatmap(erf))
-            print('high-contribution area ratio (RepLKNet): ' + ', '.join(
-                f'{t:g}: {"-" if r is None else f"{r:.3f}"}' for t, r in ratios.items()))
-        else:
-            stages = [int(s) for s in args.stages.split(',')] if args.stages else None
-            maps = activation_maps(model, images, indices=stages, reduction=args.reduction)
-            out = Path(args.out or f'{_ANALYSIS_DIR}/{args.model}_activations.png')
-            titles = [f'stage {s} ({m.shape[-2]}x{m.shape[-1]})' for s, m in zip(stages or range(len(maps)), maps)]
-            save_activation_figure(crops, maps, out, titles=titles, alpha=args.alpha)
-    except (ValueError, FileNotFoundError, ImageLoadError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    _positive('--num-images', args.num_images)
+    _positive('--img-size', args.img_size)
+    model, name = _load_model(args, 'maps')
+    limit = args.num_images if args.num_images is not None else (8 if args.what == 'erf' else 4)
+    images, crops, files = load_images(args.data, model, img_size=args.img_size, limit=limit)
+    if args.what == 'erf':
+        erf = compute_erf(model, images, stage=args.stage)
+        out = Path(args.out or f'{_ANALYSIS_DIR}/{name}_erf_stage{args.stage}.png')
+        save_erf_png(erf, out, title=f'{name} ERF, stage {args.stage}, {len(files)} images '
+                                     f'{images.shape[-2]}x{images.shape[-1]}')
+        ratios = high_contribution_area_ratio(erf_heatmap(erf))
+        print('high-contribution area ratio (RepLKNet): ' + ', '.join(
+            f'{t:g}: {"-" if r is None else f"{r:.3f}"}' for t, r in ratios.items()))
+    else:
+        stages = [int(s) for s in args.stages.split(',')] if args.stages else None
+        maps = activation_maps(model, images, indices=stages, reduction=args.reduction)
+        out = Path(args.out or f'{_ANALYSIS_DIR}/{name}_activations.png')
+        titles = [f'stage {s} ({m.shape[-2]}x{m.shape[-1]})' for s, m in zip(stages or range(len(maps)), maps)]
+        save_activation_figure(crops, maps, out, titles=titles, alpha=args.alpha)
     print(f'wrote {out}')
     return 0
 
@@ -310,20 +352,14 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     import mambazoo
     from dataclasses import asdict
     from mambazoo.analysis.summary import format_summary, summarize
-    try:
-        with torch.device('meta'):  # shapes only: any size of model in a fraction of a second
-            model = mambazoo.create_model(args.model, **_model_kwargs(args))
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    _positive('--img-size', args.img_size)
+    name, kwargs = _architecture(args)
+    with torch.device('meta'):  # shapes only: any size of model in a fraction of a second
+        model = mambazoo.create_model(name, **kwargs)
     in_chans, height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))
     if args.img_size:
         height = width = args.img_size
-    try:
-        summary = summarize(model, (in_chans, height, width), name=args.model)
-    except (ValueError, RuntimeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    summary = summarize(model, (in_chans, height, width), name=name)
     print(json.dumps(asdict(summary), indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -331,10 +367,10 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 def _cmd_show_data(args: argparse.Namespace) -> int:
     from pathlib import Path
     from mambazoo.analysis.plots import dataset_samples, save_image_grid
-    from mambazoo.data import DatasetNotFoundError, build_data
+    from mambazoo.data import build_data
     from mambazoo.train import load_config
-    config = load_config()
-    config['data']['img_size'] = args.img_size
+    _positive('--count', args.count)
+    config = load_config(overrides=[f'data.img_size={args.img_size}', 'data.holdout=0'])
     root = Path(args.data)
     if root.is_dir():
         config['data'].update(name='imagefolder', path=str(root))
@@ -342,70 +378,76 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
             config['data'].update(train_split='.', val_split='.')
     else:
         config['data']['name'] = args.data
-    try:
-        bundle = build_data(config)
-        dataset = bundle.train if args.split == 'train' else bundle.val
-        if not args.augment:
-            dataset.transform = bundle.val.transform  # the evaluation view: resize and center crop only
-        images, labels = dataset_samples(dataset, args.count, seed=args.seed)
-        out = Path(args.out or f'{_ANALYSIS_DIR}/{Path(args.data).name}_{args.split}_samples.png')
-        view = 'training augmentation' if args.augment else 'evaluation transform'
-        save_image_grid(images, [bundle.classes[i] for i in labels], out, mean=bundle.mean, std=bundle.std,
-                        title=f'{args.data} ({args.split}, {len(dataset)} images, {len(bundle.classes)} classes), '
-                              f'{view}')
-    except (DatasetNotFoundError, ValueError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+    bundle = build_data(config)
+    dataset = bundle.train if args.split == 'train' else bundle.val
+    if not args.augment:
+        dataset.transform = bundle.val.transform  # the evaluation view: resize and center crop only
+    images, labels = dataset_samples(dataset, args.count, seed=args.seed)
+    out = Path(args.out or f'{_ANALYSIS_DIR}/{Path(args.data).name}_{args.split}_samples.png')
+    view = 'training augmentation' if args.augment else 'evaluation transform'
+    save_image_grid(images, [bundle.classes[i] for i in labels], out, mean=bundle.mean, std=bundle.std,
+                    title=f'{args.data} ({args.split}, {len(dataset)} images, {len(bundle.classes)} classes), '
+                          f'{view}')
     print(f'wrote {out}')
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import mambazoo
+    from pathlib import Path
     from mambazoo import export
     if args.dynamic_batch and args.format != 'onnx':
-        print('error: --dynamic-batch applies to --format onnx only', file=sys.stderr)
-        return 2
-    model_kwargs = _parse_kwargs(args.model_kwargs)
-    if args.num_classes is not None:
-        model_kwargs['num_classes'] = args.num_classes
-    try:
-        model = mambazoo.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                                      **model_kwargs).eval()
-        if args.format == 'onnx':
-            path = export.export_onnx(model, args.out, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
-                                      opset=args.opset, optimize=not args.no_optimize)
-        elif args.format == 'torchscript':
-            path = export.export_torchscript(model, args.out, img_size=args.img_size)
-        else:
-            path = export.export_folder(model, args.out, args.model, model_args=model_kwargs, img_size=args.img_size)
-        print(f'wrote {args.model} as {args.format} to {path}')
-        if args.verify:
-            verify = {'onnx': export.verify_onnx, 'torchscript': export.verify_torchscript,
-                      'folder': export.verify_folder}[args.format]
-            x = export.reference_image(model, args.img_size)
-            diff = verify(path, model, x)
-            print(f'verify: max abs difference to PyTorch on a real image (skimage astronaut, '
-                  f'{x.shape[-2]}x{x.shape[-1]}): {diff:.3g}')
-            if not diff <= args.tolerance:
-                print(f'error: the export differs from PyTorch by more than {args.tolerance:g}', file=sys.stderr)
-                return 1
-    except (ValueError, ImportError, mambazoo.CheckpointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
+        raise UsageError('--dynamic-batch applies to --format onnx only')
+    _positive('--img-size', args.img_size)
+    out = Path(args.out)
+    if args.format != 'folder' and out.is_dir():
+        raise UsageError(f'--out {out} is a folder: --format {args.format} writes one file (e.g. {out}/model.'
+                         f'{"onnx" if args.format == "onnx" else "pt"})')
+    if args.format == 'folder' and out.exists() and not out.is_dir():
+        raise UsageError(f'--out {out} is a file: --format folder writes a folder')
+    model, name = _load_model(args, 'outputs')
+    model_kwargs = _model_kwargs(args) if args.model else {
+        k: v for k, v in _architecture(args)[1].items() if k != 'pretrained_cfg_overlay'}
+    if args.format == 'onnx':
+        path = export.export_onnx(model, out, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
+                                  opset=args.opset, optimize=not args.no_optimize)
+    elif args.format == 'torchscript':
+        path = export.export_torchscript(model, out, img_size=args.img_size)
+    else:
+        path = export.export_folder(model, out, name, model_args=model_kwargs, img_size=args.img_size)
+    print(f'wrote {name} as {args.format} to {path}')
+    if args.verify:
+        verify = {'onnx': export.verify_onnx, 'torchscript': export.verify_torchscript,
+                  'folder': export.verify_folder}[args.format]
+        x = export.reference_image(model, args.img_size)
+        diff = verify(path, model, x)
+        print(f'verify: max abs difference to PyTorch on a real image (skimage astronaut, '
+              f'{x.shape[-2]}x{x.shape[-1]}): {diff:.3g}')
+        if not diff <= args.tolerance:
+            print(f'error: the export differs from PyTorch by more than {args.tolerance:g}', file=sys.stderr)
+            return 1
     return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser, pretrained: bool = True, weights: bool = True) -> None:
+    """--model / --checkpoint / --trusted (and --pretrained) of a command that builds one model."""
+    p.add_argument('--model', help='model name or official alias (see `mambazoo list`); not needed with a trained '
+                                   'model file (--checkpoint written by `mambazoo train` or `export --format folder`)')
+    p.add_argument('--checkpoint', help='checkpoint file or folder' + ('' if weights else ' (its recorded architecture)'))
+    p.add_argument('--trusted', action='store_true',
+                   help='allow a pickled checkpoint to hold any Python object (loading it could run code)')
+    if pretrained:
+        p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='mambazoo', description=__doc__.split('\n')[0])
     parser.add_argument('-v', '--verbose', action='store_true', help='log at INFO level')
+    parser.add_argument('--debug', action='store_true', help='show the traceback of an error')
     sub = parser.add_subparsers(dest='command', required=True)
 
     p = sub.add_parser('predict', help='classify images (top-k)')
     p.add_argument('images', nargs='+', help='image files')
-    p.add_argument('--model', required=True, help='model name or official alias (see `mambazoo list`)')
-    p.add_argument('--checkpoint', help='local checkpoint file or folder')
-    p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
+    _model_arguments(p)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.add_argument('--topk', type=int, default=5)
@@ -420,15 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--set', nargs='*', metavar='KEY=VALUE', help='override config keys, e.g. sched.epochs=5')
     p.add_argument('--output', help='run folder (train.output)')
     p.add_argument('--resume', nargs='?', const='auto', default=None,
-                   help='resume from a checkpoint (default: the run folder\'s last.pth)')
+                   help='resume from a checkpoint (default: the run folder\'s last.pth; an error when there is none)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace the run the output folder holds (without it, such a folder is refused)')
     p.add_argument('--task', choices=_TASKS, default=None,
                    help="classification, or detection / segmentation on the backbone (default: the config's "
                         "'task', classification unless it says otherwise; see docs/downstream.md)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser('validate', help='top-1/top-5 of a model on a dataset')
-    p.add_argument('--model', help='model name (optional for checkpoints written by `mambazoo train`)')
-    p.add_argument('--checkpoint')
+    _model_arguments(p, pretrained=False)
     p.add_argument('--data', default='fashion_mnist', help='fashion_mnist, digits, or an ImageFolder root')
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--workers', type=int, default=0)
@@ -455,8 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_random_checkpoint)
 
     p = sub.add_parser('demo', help='Gradio web demo: upload an image, see top-5 and an activation map')
-    p.add_argument('--model', help='model name (optional for checkpoints written by `mambazoo train`)')
-    p.add_argument('--checkpoint', help='local checkpoint file or folder')
+    _model_arguments(p)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.add_argument('--host', default='127.0.0.1', help='address to serve on (default: this machine only)')
@@ -464,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser('benchmark', help='images/s, latency, peak memory of our models and timm models side by side')
-    p.add_argument('--model', nargs='+', required=True, help='models (mambazoo or timm names); the first is the '
-                                                             'reference of the ratios')
+    p.add_argument('--model', nargs='+', help='models (mambazoo or timm names); the first is the reference of the '
+                                              'ratios')
+    p.add_argument('--checkpoint', help='a trained model file instead of --model: its architecture and input size')
+    p.add_argument('--trusted', action='store_true', help='allow a pickled checkpoint to hold any Python object')
     p.add_argument('--baseline', nargs='*', help='more models to compare with, e.g. timm names (deit_tiny_patch16_224)')
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--img-size', type=int, default=224)
@@ -486,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser('flops', help='parameters and FLOPs (multiply-adds, as the papers count), vs published')
-    p.add_argument('--model', required=True)
+    _model_arguments(p, pretrained=False, weights=False)
     p.add_argument('--img-size', type=int, help='square input size (default: the model\'s, 224)')
     p.add_argument('--batch-size', type=int, default=1)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
@@ -495,8 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser('analyze', help='effective receptive field or activation maps, as PNG')
     p.add_argument('what', choices=['erf', 'activations'])
-    p.add_argument('--model', required=True)
-    p.add_argument('--checkpoint', help='weights (random initialisation otherwise)')
+    _model_arguments(p)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
     p.add_argument('--data', required=True, help='an image file or a folder of images (searched recursively)')
@@ -510,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_analyze)
 
     p = sub.add_parser('summary', help='the architecture as a table: stages, blocks, shapes, parameters, FLOPs')
-    p.add_argument('--model', required=True)
+    _model_arguments(p, pretrained=False, weights=False)
     p.add_argument('--img-size', type=int)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE')
@@ -529,9 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show_data)
 
     p = sub.add_parser('export', help='export a model as ONNX, TorchScript or a Hugging Face style folder')
-    p.add_argument('--model', required=True, help='model name or official alias')
-    p.add_argument('--checkpoint', help='local checkpoint file or folder')
-    p.add_argument('--pretrained', action='store_true', help='official weights from the local Hugging Face cache')
+    _model_arguments(p)
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra model arguments')
     p.add_argument('--format', required=True, choices=['onnx', 'torchscript', 'folder'],
@@ -550,12 +591,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple:
+    """Exceptions that mean the user must change something (a file, a flag, a config value), not a bug."""
+    import yaml
+    from mambazoo.models import CheckpointError
+    return (ValueError, OSError, ImportError, CheckpointError, yaml.YAMLError, FloatingPointError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return '; '.join(line.strip() for line in text.splitlines() if line.strip())  # one line, whatever the message
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format='%(levelname)s %(message)s')
     from mambazoo.runtime import tune_cpu_allocator
     tune_cpu_allocator()  # keep freed activations in the heap: fewer page faults on CPU (see runtime.py)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print('error: interrupted', file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        if args.debug:
+            raise
+        print(f'error: {_one_line(e)}', file=sys.stderr)
+        return 2
 
 
 if __name__ == '__main__':

@@ -2,79 +2,20 @@
 
 ``predict_image`` does the work and needs no browser; ``build_demo`` wraps it in a ``gr.Blocks`` page and
 ``launch`` serves that page on this machine only (no share link, no telemetry). The CLI's ``mambazoo demo`` is a
-thin layer over ``load_demo_model``, ``build_demo`` and ``launch``.
+thin layer over ``mambazoo.load_model`` (or ``create_model``), ``build_demo`` and ``launch``.
 """
 import math
 import os
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .predict import _to_rgb, build_eval_transform, class_names
+from .data.images import build_eval_transform, eval_data_config, to_rgb
+from .predict import class_names
 
-__all__ = ['load_demo_model', 'predict_image', 'build_demo', 'launch']
-
-
-def load_demo_model(
-        model_name: Optional[str] = None,
-        checkpoint: Optional[Union[str, Path]] = None,
-        num_classes: Optional[int] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-) -> Tuple[nn.Module, List[str]]:
-    """The model in eval mode and its class names.
-
-    A checkpoint written by ``mambazoo train`` also gives the architecture, number of classes, input channels,
-    model arguments and class names (e.g. Fashion-MNIST's), and its evaluation preprocessing (image size, crop,
-    mean/std) is set as the model's ``pretrained_cfg`` so that ``build_eval_transform`` reproduces it. Any other
-    checkpoint is read by ``create_model``; class names are then ImageNet's for 1000 classes, else 'class i'.
-    """
-    from .models import create_model, load_checkpoint, read_checkpoint
-    meta: Dict[str, Any] = {}
-    if checkpoint is not None and Path(checkpoint).is_file() and not str(checkpoint).endswith('.safetensors'):
-        try:
-            raw = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except Exception:  # not ours: create_model's loader below says what is wrong with the file
-            raw = None
-        if isinstance(raw, dict) and 'config' in raw and 'arch' in raw:
-            meta = raw
-    model_name = model_name or meta.get('arch')
-    if not model_name:
-        raise ValueError('name the model (--model): no checkpoint written by `mambazoo train` records it')
-    if not meta:
-        given = {'num_classes': num_classes} if num_classes is not None else {}  # unset: the model's default
-        model = create_model(model_name, checkpoint_path=checkpoint, **given, **(model_kwargs or {}))
-        return model.eval(), class_names(model.num_classes)
-
-    train_cfg = meta['config']
-    kwargs = dict((train_cfg.get('model') or {}).get('kwargs') or {}, **(model_kwargs or {}))
-    num_classes = meta.get('num_classes') or num_classes
-    in_chans = meta.get('in_chans') or 3
-    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    load_checkpoint(model, read_checkpoint(meta))
-    model.pretrained_cfg = {**model.pretrained_cfg, **_trained_eval_cfg(train_cfg.get('data') or {}, in_chans,
-                                                                         model.pretrained_cfg)}
-    classes = list(meta.get('classes') or [])
-    return model.eval(), classes if len(classes) == model.num_classes else class_names(model.num_classes)
-
-
-def _trained_eval_cfg(data_cfg: Dict[str, Any], in_chans: int, model_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The trainer's evaluation preprocessing (``data.build_data``), as pretrained_cfg entries."""
-    from .data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .data.loader import match_channels
-    if data_cfg.get('mean') is not None:
-        mean, std = data_cfg['mean'], data_cfg['std']
-    elif data_cfg.get('name', 'fashion_mnist') in ('fashion_mnist', 'digits'):
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    else:
-        mean, std = model_cfg.get('mean', (0.485, 0.456, 0.406)), model_cfg.get('std', (0.229, 0.224, 0.225))
-    mean, std = match_channels(mean, std, in_chans)
-    img_size = data_cfg.get('img_size') or model_cfg['input_size'][-1]
-    return dict(input_size=(in_chans, img_size, img_size), mean=mean, std=std, crop_mode='center',
-                crop_pct=data_cfg.get('crop_pct') or model_cfg.get('crop_pct', 0.875),
-                interpolation=data_cfg.get('interpolation') or model_cfg.get('interpolation', 'bicubic'))
+__all__ = ['predict_image', 'build_demo', 'launch']
 
 
 def _model_view_box(size: Tuple[int, int], data_cfg: Dict[str, Any]) -> Tuple[int, int, int, int]:
@@ -115,7 +56,6 @@ def predict_image(
     when it is not the whole image); the rest is left as it is. Labels repeated in ``labels`` get their index
     appended so that every class keeps its own entry.
     """
-    from timm.data import resolve_data_config
     from .analysis.activations import activation_maps, overlay_heatmap
     if image is None:
         raise ValueError('no image: upload one first')
@@ -126,14 +66,14 @@ def predict_image(
         raise ValueError('the model has no classifier (num_classes is 0): nothing to predict')
     if topk < 1:
         raise ValueError(f'topk must be at least 1, got {topk}')
-    labels = list(labels) if labels is not None else class_names(num_classes)
+    labels = list(labels) if labels is not None else class_names(model)
     if len(labels) != num_classes:
         raise ValueError(f'{len(labels)} class names for a model with {num_classes} classes')
 
     model.eval()
-    data_cfg = resolve_data_config({}, model=model)
-    rgb = _to_rgb(image)
-    x = build_eval_transform(model)(rgb.convert('L') if data_cfg['input_size'][0] == 1 else rgb)
+    data_cfg = eval_data_config(model)
+    rgb = to_rgb(image)
+    x = build_eval_transform(model)(rgb)
     x = x.unsqueeze(0).to(next(model.parameters()).device)
     logits = model(x)
     if not torch.isfinite(logits).all():

@@ -191,19 +191,17 @@ def reference_image(model: nn.Module, img_size: ImageSize = None, photo: str = '
     model's pretrained config says (resize, center crop, mean/std) at ``img_size``."""
     import skimage.data
     from PIL import Image
-    from timm.data import create_transform, resolve_data_config
 
+    from .data.images import build_eval_transform
     channels, height, width = resolve_input_size(model, img_size)
     if channels not in (1, 3):
         raise ValueError(f'a photograph has 1 or 3 channels; the model takes {channels}')
     loader = getattr(skimage.data, photo, None)
     if loader is None:
         raise ValueError(f'skimage.data has no photograph {photo!r} (try astronaut or chelsea)')
-    image = Image.fromarray(loader()).convert('RGB' if channels == 3 else 'L')
-    config = resolve_data_config({'input_size': (channels, height, width)}, model=model)
-    if channels == 1:  # a grey image: one mean/std value
-        config['mean'], config['std'] = config['mean'][:1], config['std'][:1]
-    return create_transform(**config, is_training=False)(image).unsqueeze(0)
+    image = Image.fromarray(loader())
+    transform = build_eval_transform(model, input_size=(channels, height, width))
+    return transform(image).unsqueeze(0)
 
 
 def _first_output(out: Any) -> Tensor:

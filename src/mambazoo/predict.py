@@ -1,4 +1,5 @@
-"""Classify image files with any registered model: loading images safely, preprocessing, top-k.
+"""Classify image files with any registered model: top-k with the model's class names (images are read and
+preprocessed by ``data.images``, the one place for that).
 
 The CLI's ``mambazoo predict`` is a thin layer over ``classify_files``.
 """
@@ -7,58 +8,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
+
+from .data.images import ImageLoadError, build_eval_transform, load_image
 
 __all__ = ['ImageLoadError', 'load_image', 'build_eval_transform', 'class_names', 'classify_files', 'Prediction']
 
 
-class ImageLoadError(ValueError):
-    """A file that is not a usable image (not an image, truncated, unsupported mode)."""
-
-
-def load_image(path: Union[str, Path]) -> Image.Image:
-    """An RGB PIL image from ``path``; raises ImageLoadError with the reason for anything unusable."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageLoadError(f'{path}: no such file')
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated file fails here, not later in the transform
-            return _to_rgb(img)
-    except UnidentifiedImageError:
-        raise ImageLoadError(f'{path}: not an image file (PIL cannot identify it)') from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f'{path}: cannot decode the image ({e})') from None
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ('I', 'I;16', 'I;16B', 'I;16L', 'F'):
-        # 16-bit / float images: stretch to 8 bits first (PIL's RGB conversion would clip them).
-        a = np.asarray(img, dtype=np.float64)
-        lo, hi = float(a.min()), float(a.max())
-        a = np.zeros_like(a) if hi <= lo else (a - lo) / (hi - lo) * 255.0
-        img = Image.fromarray(a.round().astype(np.uint8), mode='L')
-    if img.mode in ('RGBA', 'LA', 'PA') or (img.mode == 'P' and 'transparency' in img.info):
-        rgba = img.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))  # transparent pixels -> white
-        return Image.alpha_composite(background, rgba).convert('RGB')
-    if img.mode not in ('RGB', 'L', 'P', 'CMYK', 'YCbCr', '1', 'LAB', 'HSV'):
-        raise ImageLoadError(f'unsupported image mode {img.mode!r}')
-    return img.convert('RGB')
-
-
-def build_eval_transform(model: nn.Module):
-    """The model's evaluation preprocessing (resize, center crop, normalise) from its pretrained config."""
-    from timm.data import create_transform, resolve_data_config
-    config = resolve_data_config({}, model=model)
-    return create_transform(**config, is_training=False)
-
-
-def class_names(num_classes: int) -> List[str]:
-    """ImageNet-1k descriptions (shipped with timm) for 1000 classes; 'class N' otherwise."""
+def class_names(model: Union[nn.Module, int]) -> List[str]:
+    """The class names of ``model`` (or of a classifier of that many classes): those it records (a model loaded
+    from a training checkpoint: Fashion-MNIST's, an ImageFolder's), ImageNet-1k's (shipped with timm) for 1000
+    classes, else 'class N'."""
+    num_classes = model if isinstance(model, int) else getattr(model, 'num_classes', 0)
+    recorded = None if isinstance(model, int) else (getattr(model, 'pretrained_cfg', None) or {}).get('label_names')
+    if recorded and len(recorded) == num_classes:
+        return list(recorded)
     if num_classes == 1000:
         from timm.data import ImageNetInfo
         info = ImageNetInfo()
@@ -86,6 +51,10 @@ def classify_files(
     Returns the predictions in input order and ``{'images': n, 'seconds': t, 'images_per_s': n / t}`` for the
     model forward passes alone.
     """
+    if topk < 1:
+        raise ValueError(f'topk must be at least 1, got {topk}')
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be at least 1, got {batch_size}')
     model.eval()
     transform = build_eval_transform(model)
     device = next(model.parameters()).device
@@ -97,7 +66,7 @@ def classify_files(
         except ImageLoadError as e:
             results[i].error = str(e)
     num_classes = getattr(model, 'num_classes', 0)
-    labels = labels or class_names(num_classes)
+    labels = labels or class_names(model)
     k = min(topk, num_classes)
     seconds = 0.0
     for start in range(0, len(good), batch_size):

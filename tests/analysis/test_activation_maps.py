@@ -64,7 +64,8 @@ def test_load_images_and_figure(photos, tmp_path):
     path = save_activation_figure(crops, maps, tmp_path / 'act.png')
     pixels = np.asarray(Image.open(path).convert('RGB'))
     assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
-    gray, _, _ = load_images(photos[:1], model, img_size=32, in_chans=1)
+    gray_model = mambazoo.create_model('mambavision_tiny', in_chans=1, **TINY_MAMBAVISION)
+    gray, _, _ = load_images(photos[:1], gray_model, img_size=32)  # the model's own channels
     assert gray.shape == (1, 1, 32, 32)
     with pytest.raises(FileNotFoundError, match='no such image file or folder'):
         load_images(tmp_path / 'missing', model)

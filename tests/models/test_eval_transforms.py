@@ -12,8 +12,8 @@ validation code (read in the official repositories; no code copied):
   'bicubic'): resize the shorter side to ``int(256 / 224 * 224)``; center crop 224; ImageNet mean/std.
 - MambaOut: timm's own cfg of the name and tag (timm ships MambaOut; its validation is timm's).
 
-Ours is what ``mambazoo predict`` / the demo (``predict.build_eval_transform``) and ``mambazoo validate``
-(``train.validate._eval_transform``) use: timm's ``resolve_data_config`` on the model's ``pretrained_cfg``, for
+Ours is what every command uses (``mambazoo predict``, ``validate``, the demo, the analysis tools:
+``data.images.build_eval_transform``): timm's ``resolve_data_config`` on the model's ``pretrained_cfg``, for
 every pretrained tag of every name (``create_model('name.tag')``).
 """
 import math
@@ -29,8 +29,7 @@ from torchvision.transforms import InterpolationMode
 
 import mambazoo
 from mambazoo.models import _builder
-from mambazoo.predict import build_eval_transform
-from mambazoo.train.validate import _eval_transform
+from mambazoo.data.images import build_eval_transform
 
 SIZES = [(500, 375), (375, 500), (224, 224), (640, 480)]  # (width, height)
 
@@ -130,7 +129,7 @@ def test_eval_transform_is_the_official_one(name, photos):
     model = built(name)
     official = OFFICIAL[name.split('_')[0]](name)
     assert model.pretrained_cfg.get('tag') == (name.partition('.')[2] or None)
-    ours = {'predict': build_eval_transform(model), 'validate': _eval_transform(model, 3, None, None)[0]}
+    ours = {'every command': build_eval_transform(model)}
     size = model.pretrained_cfg['input_size'][1:]
     for photo in photos:
         want = official(photo)

@@ -23,7 +23,8 @@ import yaml
 from helpers import PROJECT_ROOT, TINY_MAMBAVISION_YAML, TINY_TRAIN_SETS, make_image_folder
 from mambazoo.cli import main as cli_main
 from mambazoo.train import DEFAULTS, apply_overrides, evaluate, load_config, train
-from mambazoo.train.checkpoint import load_training_state, save_atomic
+from mambazoo.train.checkpoint import RunDirError, load_training_state, save_atomic
+from mambazoo.train.config import ConfigError
 from mambazoo.train.trainer import find_batch_size
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
@@ -87,26 +88,26 @@ def _write_yaml(path: Path, data) -> Path:
     ({'data': {'aug': {'hflp': 0.5}}}, 'data.aug.hflp'),
 ])
 def test_unknown_yaml_key_is_an_error(tmp_path, data, key):
-    with pytest.raises(KeyError, match=re.escape(repr(key))) as info:
+    with pytest.raises(ConfigError, match=re.escape(repr(key))) as info:
         load_config(_write_yaml(tmp_path / 'c.yaml', data))
     assert 'unknown config key' in str(info.value)
 
 
-def test_unknown_override_key_and_malformed_override(tmp_path):
-    with pytest.raises(KeyError, match="'sched.epoch'"):
+def test_unknown_override_key_and_malformed_override(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="'sched.epoch'; did you mean 'sched.epochs'"):
         load_config(None, ['sched.epoch=3'])
-    with pytest.raises(KeyError, match='unknown config key'):
+    with pytest.raises(ConfigError, match='unknown config key'):
         apply_overrides(DEFAULTS, ['nope=1'])
-    with pytest.raises(ValueError, match='key=value'):
+    with pytest.raises(ConfigError, match='key=value'):
         load_config(None, ['sched.epochs'])
-    with pytest.raises(TypeError, match="'optim' must be a mapping"):
+    with pytest.raises(ConfigError, match="'optim' must be a mapping"):
         load_config(None, ['optim=3'])
     (tmp_path / 'list.yaml').write_text('- 1\n')
-    with pytest.raises(ValueError, match='mapping at the top level'):
+    with pytest.raises(ConfigError, match='mapping at the top level'):
         load_config(tmp_path / 'list.yaml')
-    # The CLI stops with the same message before any training starts.
-    with pytest.raises(KeyError, match='optim.lrr'):
-        cli_main(['train', '--set', 'optim.lrr=0.1', '--output', str(tmp_path / 'run')])
+    # The CLI stops with the same message, one line, before any training starts.
+    assert cli_main(['train', '--set', 'optim.lrr=0.1', '--output', str(tmp_path / 'run')]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown config key 'optim.lrr'")
     assert not (tmp_path / 'run').exists()
 
 
@@ -331,9 +332,12 @@ def test_checkpoint_contents(tiny_run):
     out, result = tiny_run
     last = load_training_state(out / 'last.pth')
     for key in ('model', 'ema', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'step_in_epoch',
-                'global_step', 'config', 'best_top1', 'best_epoch', 'history', 'arch', 'num_classes', 'in_chans',
-                'classes'):
+                'global_step', 'config', 'best_top1', 'best_epoch', 'history', 'mambazoo_model'):
         assert key in last, key
+    record = last['mambazoo_model']  # what load_model rebuilds the model from (tests/train/test_model_file.py)
+    assert record['name'] == 'mambavision_tiny' and record['args']['dim'] == 8
+    assert record['args']['num_classes'] == 10 and record['args']['in_chans'] == 3
+    assert record['pretrained_cfg']['input_size'] == [3, 32, 32] and len(record['pretrained_cfg']['label_names']) == 10
     assert last['epoch'] == 2 and last['step_in_epoch'] == 0 and last['global_step'] == 8
     assert set(last['rng']) >= {'python', 'numpy', 'torch'}
     assert last['optimizer']['state'] and last['scheduler']
@@ -344,7 +348,7 @@ def test_checkpoint_contents(tiny_run):
     assert not torch.equal(last['ema']['head.weight'], last['model']['head.weight'])
     best = load_training_state(out / 'best.pth')
     for key in ('model', 'ema', 'optimizer', 'scheduler', 'scaler', 'rng', 'epoch', 'step_in_epoch', 'global_step',
-                'top1', 'arch', 'num_classes', 'in_chans', 'config'):  # the full training state, as last.pth
+                'top1', 'mambazoo_model', 'config'):  # the full training state, as last.pth
         assert key in best, key
     assert best['epoch'] == result['best_epoch'] and best['top1'] == result['best_top1']
     assert sorted(p.name for p in out.glob('*.pth')) == ['best.pth', 'last.pth']
@@ -384,12 +388,13 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_run, tmp_path):
 
 
 def test_resume_missing_checkpoint(tmp_path):
-    with pytest.raises(FileNotFoundError, match='no checkpoint'):
+    with pytest.raises(RunDirError, match='nothing to resume: no checkpoint at .*nothing.pth'):
         _train(tmp_path / 'a', 'data.name=fake', 'data.fake_size=[8,8]', 'sched.epochs=1',
                resume=str(tmp_path / 'nothing.pth'))
-    # 'auto' with nothing to resume starts afresh.
-    result = _train(tmp_path / 'b', 'data.name=fake', 'data.fake_size=[8,8]', 'sched.epochs=1', resume='auto')
-    assert load_training_state(tmp_path / 'b' / 'last.pth')['global_step'] == 1 and result['final']
+    # 'auto' with nothing to resume is an error too, and nothing is written.
+    with pytest.raises(RunDirError, match='nothing to resume'):
+        _train(tmp_path / 'b', 'data.name=fake', 'data.fake_size=[8,8]', 'sched.epochs=1', resume='auto')
+    assert not (tmp_path / 'b').exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -535,7 +540,7 @@ def ddp_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     try:
         _train(base / 'one', *DDP_SETS, 'data.batch_size=64')
-        _train(base / 'half', *DDP_SETS, 'data.batch_size=32', 'train.max_steps_per_epoch=22')
+        _train(base / 'half', *DDP_SETS, 'data.batch_size=32', 'train.max_steps_per_epoch=20')
     finally:
         torch.set_num_threads(threads)
     return {'ddp': ddp_out, 'one': base / 'one', 'half': base / 'half', 'stdout': proc.stdout}
@@ -552,7 +557,7 @@ def test_gloo_two_processes_match_one_process_with_the_same_global_batch(ddp_run
     as the control, and the validation metrics close."""
     L = lambda d: load_training_state(d / 'last.pth')
     ddp, one, half = L(ddp_runs['ddp']), L(ddp_runs['one']), L(ddp_runs['half'])
-    assert ddp['global_step'] == one['global_step'] == half['global_step'] == 22  # 1437 // 64
+    assert ddp['global_step'] == one['global_step'] == half['global_step'] == 20  # (1437 - 143 held out) // 64
     assert ddp['scheduler'] == one['scheduler']
     from mambazoo.data.loader import derive_seed, seed_all
     import mambazoo
@@ -572,19 +577,21 @@ def test_gloo_two_processes_match_one_process_with_the_same_global_batch(ddp_run
     assert abs(a['val_top1'] - b['val_top1']) < 5.0
     assert abs(a['val_loss'] - b['val_loss']) < 0.05
     assert a['lr'] == b['lr']
-    # top-1 over the 359 validation images comes in steps of 100/359: no image counted twice or missed.
-    assert abs(a['val_top1'] * 359 / 100 - round(a['val_top1'] * 359 / 100)) < 1e-6
+    # top-1 over the 143 held-out validation images comes in steps of 100/143: no image counted twice or missed.
+    assert abs(a['val_top1'] * 143 / 100 - round(a['val_top1'] * 143 / 100)) < 1e-6
 
 
 @pytest.mark.slow
 def test_gloo_rank0_alone_writes_checkpoints_and_logs(ddp_runs):
     out = ddp_runs['ddp']
-    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'last.pth', 'metrics.csv', 'tensorboard']
+    assert sorted(p.name for p in out.iterdir()) == ['best.pth', 'last.pth', 'metrics.csv', 'tensorboard',
+                                                     'test_metrics.json']
     assert len(list((out / 'tensorboard').iterdir())) == 1  # one event file: rank 1 opened no writer
     stdout = ddp_runs['stdout']
     assert stdout.count('training mambavision_tiny') == 1
     assert stdout.count('epoch 1/1:') == 1
-    assert stdout.count('done: best top-1') == 1
+    assert stdout.count('done: best val top-1') == 1
+    assert stdout.count('test: top-1') == 1  # the test set evaluated once, over both ranks
     assert '2 processes' in stdout
 
 
@@ -668,19 +675,19 @@ def test_smoke_train_and_validate_cli(tmp_path, capsys):
     line = capsys.readouterr().out
     m = re.search(r'on digits \((\d+) images\): top-1 ([\d.]+)%, top-5 ([\d.]+)%', line)
     assert m, line
-    assert int(m.group(1)) == 359  # the digits validation split
+    assert int(m.group(1)) == 359  # the digits test split
     assert float(m.group(3)) >= float(m.group(2))
 
 
-def test_validate_reproduces_the_trainers_validation(tmp_path):
+def test_validate_reproduces_the_trainers_test(tmp_path):
     out = tmp_path / 'run'
     result = _train(out, 'data.name=digits', 'data.interpolation=bilinear', 'data.crop_pct=1.0',
                     'data.batch_size=32', 'train.max_steps_per_epoch=4', 'sched.epochs=1')
     from mambazoo.train.validate import validate
     metrics = validate(None, out / 'best.pth', 'digits', batch_size=128)
-    assert metrics['count'] == 359
-    assert metrics['top1'] == pytest.approx(result['final']['val_top1'])
-    assert metrics['loss'] == pytest.approx(result['final']['val_loss'], rel=1e-6)  # bilinear vs bicubic: ~1e-4
+    assert metrics['count'] == result['test']['count'] == 359
+    assert metrics['top1'] == pytest.approx(result['test']['top1'])
+    assert metrics['loss'] == pytest.approx(result['test']['loss'], rel=1e-6)  # bilinear vs bicubic: ~1e-4
 
 
 def test_train_without_fashion_mnist_fails_clearly(tmp_path, capsys):

@@ -126,31 +126,25 @@ def image_files(source: Union[str, Path, Sequence[Union[str, Path]]], limit: Opt
 
 
 def load_images(source: Union[str, Path, Sequence[Union[str, Path]]], model: nn.Module, img_size: Optional[int] = None,
-                limit: Optional[int] = None, in_chans: Optional[int] = None
-                ) -> Tuple[Tensor, List[Image.Image], List[Path]]:
-    """Images from files or a folder, preprocessed as ``model`` expects (its mean/std, square ``img_size``;
-    ``in_chans`` 1 for a grayscale model, whose RGB statistics are then averaged).
+                limit: Optional[int] = None) -> Tuple[Tensor, List[Image.Image], List[Path]]:
+    """Images from files or a folder, preprocessed by the model's evaluation transform (``data.images``: its
+    channels, mean/std; square ``img_size`` where given).
 
     Returns the normalised batch (B, C, H, W), the matching un-normalised crops as PIL images (for overlays), and
-    the files used. Unreadable files raise ``mambazoo.predict.ImageLoadError``.
+    the files used. Unreadable files raise ``mambazoo.data.images.ImageLoadError``.
     """
-    from timm.data import create_transform, resolve_data_config
-    from ..predict import load_image
+    from timm.data import create_transform
+    from ..data.images import build_eval_transform, eval_data_config, load_image, with_mode
     files = image_files(source, limit)
-    config = resolve_data_config({}, model=model)
-    in_chans = in_chans or config['input_size'][0]
-    config['input_size'] = (in_chans, img_size or config['input_size'][1], img_size or config['input_size'][2])
-    if len(config['mean']) != in_chans:
-        mean, std = sum(config['mean']) / len(config['mean']), sum(config['std']) / len(config['std'])
-        config['mean'], config['std'] = (mean,) * in_chans, (std,) * in_chans
-    transform = create_transform(**config, is_training=False)
+    config = eval_data_config(model, img_size)
+    in_chans = config['input_size'][0]
+    transform = build_eval_transform(model, img_size)
     # The same resize + crop without the normalisation, for the picture under the overlay.
-    crop = create_transform(**{**config, 'mean': (0.0,) * in_chans, 'std': (1.0,) * in_chans}, is_training=False)
+    crop = with_mode(create_transform(**{**config, 'mean': (0.0,) * in_chans, 'std': (1.0,) * in_chans},
+                                      is_training=False), in_chans)
     tensors, crops = [], []
     for path in files:
         img = load_image(path)
-        if in_chans == 1:
-            img = img.convert('L')
         tensors.append(transform(img))
         raw = crop(img).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
         crops.append(Image.fromarray(raw[..., 0] if in_chans == 1 else raw).convert('RGB'))

@@ -145,7 +145,7 @@ class SafeImageFolder(Dataset):
 
     def _load_or_report(self, path: str) -> Optional[Image.Image]:
         """The image, or None for an unreadable file (logged once, remembered in ``bad_files``)."""
-        from ..predict import ImageLoadError, load_image
+        from .images import ImageLoadError, load_image
         if path in self.bad_files:
             return None
         try:

@@ -8,16 +8,18 @@ loader workers.
 """
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, SafeImageFolder, collate_skipping_none, fake_dataset,
+from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundError, SafeImageFolder, collate_skipping_none, fake_dataset,
                        load_digits, load_fashion_mnist)
+from .images import match_channels, with_mode
 
-__all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_transform']
+__all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_train_transform',
+           'eval_config_of', 'holdout_split']
 
 
 def derive_seed(*parts: int) -> int:
@@ -90,35 +92,61 @@ class ResumableSampler(Sampler[int]):
 
 @dataclass
 class DataBundle:
+    """What ``build_data`` gives the trainer: ``val`` picks the best checkpoint; ``test``, where the data set has
+    one apart from it, is evaluated once at the end (None otherwise: then ``val`` is the reported figure).
+    ``eval_config`` is the evaluation transform as timm's data config (input_size, interpolation, mean, std,
+    crop_pct, crop_mode): what the checkpoints record, so every command preprocesses as validation did."""
     train: Dataset
     val: Dataset
+    test: Optional[Dataset]
     num_classes: int
     in_chans: int
     classes: List[str]
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    eval_config: Dict[str, Any]
+    val_source: str  # where the validation images come from, in words
 
 
-def build_transform(config: Dict[str, Any], is_training: bool, in_chans: int, mean, std,
-                    model_cfg: Optional[Dict[str, Any]] = None):
-    """timm's transform pipeline for training (random resized crop, flips, colour jitter, RandAugment, random
-    erasing) or evaluation (resize by crop_pct, center crop), at ``data.img_size``."""
+def build_train_transform(config: Dict[str, Any], in_chans: int, mean, std):
+    """timm's training pipeline (random resized crop, flips, colour jitter, RandAugment, random erasing) at
+    ``data.img_size``."""
     from timm.data import create_transform
+    d, aug = config['data'], config['data']['aug']
+    return create_transform(
+        input_size=(in_chans, d['img_size'], d['img_size']), is_training=True, mean=tuple(mean), std=tuple(std),
+        scale=tuple(aug['scale']), ratio=tuple(aug['ratio']), hflip=aug['hflip'], vflip=aug['vflip'],
+        color_jitter=aug['color_jitter'] or None, auto_augment=aug['auto_augment'], re_prob=aug['re_prob'],
+        re_mode=aug['re_mode'], interpolation=aug['train_interpolation'])
+
+
+def eval_config_of(config: Dict[str, Any], in_chans: int, mean, std,
+                   model_cfg: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The evaluation transform of a training config, as timm's data config (resize by crop_pct, center crop)."""
     d = config['data']
-    aug = d['aug']
-    crop_pct = d['crop_pct'] or (model_cfg or {}).get('crop_pct', 0.875)
-    kwargs: Dict[str, Any] = dict(input_size=(in_chans, d['img_size'], d['img_size']), is_training=is_training,
-                                  mean=tuple(mean), std=tuple(std), crop_pct=crop_pct,
-                                  interpolation=d['interpolation'])
-    if is_training:
-        kwargs.update(scale=tuple(aug['scale']), ratio=tuple(aug['ratio']), hflip=aug['hflip'], vflip=aug['vflip'],
-                      color_jitter=aug['color_jitter'] or None, auto_augment=aug['auto_augment'],
-                      re_prob=aug['re_prob'], re_mode=aug['re_mode'], interpolation=aug['train_interpolation'])
-    return create_transform(**kwargs)
+    return {'input_size': (in_chans, d['img_size'], d['img_size']), 'interpolation': d['interpolation'],
+            'mean': tuple(mean), 'std': tuple(std), 'crop_pct': d['crop_pct'] or (model_cfg or {}).get('crop_pct', 0.875),
+            'crop_mode': 'center'}
+
+
+def holdout_split(size: int, holdout: Union[int, str, None], seed: int) -> Tuple[List[int], List[int]]:
+    """(train indices, held-out indices) of a training set of ``size``: ``holdout`` images ('auto': min(5000, a
+    tenth)) chosen by ``seed`` alone, both lists sorted."""
+    count = min(5000, size // 10) if holdout in (None, 'auto') else int(holdout)
+    if not 0 < count < size:
+        raise ValueError(f'data.holdout must leave images on both sides: {count} of {size} training images')
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(derive_seed(seed, 0x5E1))).tolist()
+    return sorted(order[count:]), sorted(order[:count])
 
 
 def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = None) -> DataBundle:
-    """The train and validation datasets named by ``config['data']``, with their transforms."""
+    """The training, validation and (where there is one) test sets named by ``config['data']``, with transforms.
+
+    Fashion-MNIST and digits have a training and a test split only: ``data.holdout`` training images (seeded by
+    ``train.seed``) become the validation set and the test split is the test set; ``data.holdout: 0`` validates
+    on the test split instead (no test set then). An ImageFolder validates on ``val_split``, and tests on
+    ``test_split`` where that folder exists; without ``val_split`` it holds out training images as above."""
+    from pathlib import Path
     d = config['data']
     name = d['name']
     grayscale = name in ('fashion_mnist', 'digits')
@@ -131,56 +159,55 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
         mean = tuple((model_cfg or {}).get('mean', (0.485, 0.456, 0.406)))
         std = tuple((model_cfg or {}).get('std', (0.229, 0.224, 0.225)))
     mean, std = match_channels(mean, std, in_chans)
-    t_train = with_mode(build_transform(config, True, in_chans, mean, std, model_cfg), in_chans)
-    t_val = with_mode(build_transform(config, False, in_chans, mean, std, model_cfg), in_chans)
+    eval_config = eval_config_of(config, in_chans, mean, std, model_cfg)
+    from timm.data import create_transform
+    t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
+    t_val = with_mode(create_transform(**eval_config, is_training=False), in_chans)
 
+    val = test = eval_full = None  # val stays None where the training set must give the validation images
     if name == 'fashion_mnist':
-        train, val = load_fashion_mnist(d['path'], 'train', t_train), load_fashion_mnist(d['path'], 'test', t_val)
+        train_full = load_fashion_mnist(d['path'], 'train', t_train)
+        eval_full = load_fashion_mnist(d['path'], 'train', t_val)
+        test = load_fashion_mnist(d['path'], 'test', t_val)
     elif name == 'digits':
-        train, val = load_digits('train', t_train), load_digits('val', t_val)
+        train_full, eval_full, test = load_digits('train', t_train), load_digits('train', t_val), load_digits('val', t_val)
     elif name == 'imagefolder':
         if not d['path']:
             raise ValueError('data.path must point at the image folder root (holding train/ and val/)')
-        from pathlib import Path
         root = Path(d['path'])
-        train = SafeImageFolder(root / d['train_split'], t_train)
-        val = SafeImageFolder(root / d['val_split'], t_val, substitute=False)
-        if train.classes != val.classes:
-            raise ValueError(f'train and val folders have different classes: {train.classes[:5]}... vs '
-                             f'{val.classes[:5]}...')
+        train_full = SafeImageFolder(root / d['train_split'], t_train)
+        eval_full = SafeImageFolder(root / d['train_split'], t_val, substitute=False)
+        if (root / d['test_split']).is_dir() and d['test_split'] != d['val_split']:
+            test = SafeImageFolder(root / d['test_split'], t_val, substitute=False)
+        if (root / d['val_split']).is_dir():
+            val = SafeImageFolder(root / d['val_split'], t_val, substitute=False)
+        elif test is None:
+            raise DatasetNotFoundError(f'{root} has neither a {d["val_split"]}/ nor a {d["test_split"]}/ folder '
+                                       f'beside {d["train_split"]}/')
+        for split, folder in ((val, d['val_split']), (test, d['test_split'])):
+            if split is not None and list(split.classes) != list(train_full.classes):
+                raise ValueError(f'{d["train_split"]}/ and {folder}/ in {root} have different classes: '
+                                 f'{train_full.classes[:5]}... vs {split.classes[:5]}...')
     elif name == 'fake':
         n_train, n_val = d['fake_size']
-        train = fake_dataset(n_train, d['img_size'], d['fake_classes'], in_chans, seed=1, transform=t_train)
+        train_full = fake_dataset(n_train, d['img_size'], d['fake_classes'], in_chans, seed=1, transform=t_train)
         val = fake_dataset(n_val, d['img_size'], d['fake_classes'], in_chans, seed=2, transform=t_val)
     else:
         raise ValueError(f'unknown dataset {name!r}: choose fashion_mnist, digits, imagefolder or fake')
-    classes = list(train.classes)
+
+    train = train_full
+    if val is not None:
+        val_source = f'the {name} validation split'
+    elif d['holdout'] == 0:  # validate on the test split, as before the split existed: then nothing is held out
+        val, test = test, None
+        val_source = f'the {name} test split (data.holdout 0: the selection set is the reported one)'
+    else:
+        train_idx, val_idx = holdout_split(len(train_full), d['holdout'], int(config['train']['seed']))
+        train, val = Subset(train_full, train_idx), Subset(eval_full, val_idx)
+        val_source = f'{len(val_idx)} training images held out (seed {config["train"]["seed"]})'
+    classes = list(train_full.classes)
     num_classes = d['num_classes'] or len(classes)
-    return DataBundle(train, val, num_classes, in_chans, classes, mean, std)
-
-
-def match_channels(mean, std, in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
-    """Normalisation statistics for ``in_chans`` channels (RGB statistics averaged for grayscale, and back)."""
-    mean, std = tuple(mean), tuple(std)
-    if len(mean) != in_chans:
-        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
-    return mean, std
-
-
-class _ConvertMode:
-    """PIL mode conversion as a picklable transform (loader workers pickle the dataset)."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __call__(self, img):
-        return img if img.mode == self.mode else img.convert(self.mode)
-
-
-def with_mode(transform, in_chans: int):
-    """Prefix ``transform`` with a conversion to grayscale (1 channel) or RGB (3), whatever the source images."""
-    from torchvision import transforms
-    return transforms.Compose([_ConvertMode('L' if in_chans == 1 else 'RGB'), transform])
+    return DataBundle(train, val, test, num_classes, in_chans, classes, mean, std, eval_config, val_source)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int, rank: int = 0,

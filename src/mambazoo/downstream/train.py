@@ -30,7 +30,8 @@ from torch import nn
 
 from ..data.loader import ResumableSampler, derive_seed, match_channels, seed_all
 from ..models._builder import get_pretrained_cfg
-from ..train.checkpoint import load_training_state, rng_state, save_atomic
+from ..train.checkpoint import checked_run_dir, load_training_state, restore_training_state, rng_state, save_atomic
+from ..train.trainer import setup_distributed
 from .data import build_composed_datasets, collate_detection
 from .detection import DETECTORS, build_detector
 from .segmentation import build_segmenter, confusion_matrix, mean_iou
@@ -42,20 +43,6 @@ TASKS = ('detection', 'segmentation')
 
 # ---------------------------------------------------------------------------------------------------------
 # Set-up
-
-def _device_and_ranks(device_name: str) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when launched by torchrun."""
-    world_size, rank = int(os.environ.get('WORLD_SIZE', '1')), int(os.environ.get('RANK', '0'))
-    use_cuda = device_name == 'cuda' or (device_name == 'auto' and torch.cuda.is_available())
-    if use_cuda:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
-    return rank, world_size, device
-
 
 def _normalisation(config: Dict[str, Any], channels: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     d = config['data']
@@ -181,12 +168,13 @@ def _training_batches(loader, sampler: ResumableSampler, start_step: int) -> Ite
         epoch, skip = epoch + 1, 0
 
 
-def train_downstream(config: Dict[str, Any], resume: Optional[str] = None) -> Dict[str, Any]:
+def train_downstream(config: Dict[str, Any], resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Train and evaluate the detector / segmenter of ``config`` (``task`` 'detection' or 'segmentation').
 
     Args:
         config: a config from ``mambazoo.train.load_config``.
-        resume: a checkpoint path, or 'auto' for the run's last.pth (starting afresh when there is none).
+        resume: a checkpoint path, or 'auto' for the run's last.pth (an error when there is none).
+        overwrite: replace a run the output folder holds (otherwise such a folder is refused).
     Returns:
         {'task', 'final' (the last evaluation's figures), 'best', 'best_step', 'metric' (the one 'best' is
         judged by), 'history', 'output', 'seconds', 'rank', 'model'}.
@@ -200,12 +188,10 @@ def train_downstream(config: Dict[str, Any], resume: Optional[str] = None) -> Di
         raise ValueError(f'downstream.steps must be at least 1, got {steps}')
     if t_cfg['threads']:
         torch.set_num_threads(t_cfg['threads'])
-    rank, world_size, device = _device_and_ranks(t_cfg['device'])
+    rank, world_size, device = setup_distributed(t_cfg['device'])
     is_main, seed = rank == 0, int(t_cfg['seed'])
     seed_all(derive_seed(seed, rank, 0xD37))
     out_dir = Path(t_cfg['output'])
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     train_set, val_set, classes = build_composed_datasets(
         ds['source'], config['data']['path'], train_size=int(ds['train_size']), val_size=int(ds['val_size']),
@@ -213,6 +199,9 @@ def train_downstream(config: Dict[str, Any], resume: Optional[str] = None) -> Di
         channels=int(ds['channels']))
     num_classes = len(classes) + 1  # + background
     model = build_task_model(config, num_classes)
+    # The same guarantees as the classification trainer's: no run written over, room for the checkpoints.
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    resume_from = checked_run_dir(out_dir, resume, overwrite, 10 * state_bytes, is_main)
     model.to(device)
     with_masks = task == 'detection' and ds['detector'] == 'mask_rcnn'
     target_keys = ('boxes', 'labels', 'masks') if with_masks else ('boxes', 'labels')
@@ -246,22 +235,13 @@ def train_downstream(config: Dict[str, Any], resume: Optional[str] = None) -> Di
 
     state: Dict[str, Any] = {'step': 0, 'best': -1.0, 'best_step': -1, 'history': [], 'loss_sum': 0.0,
                              'loss_count': 0}
-    if resume:
-        path = out_dir / 'last.pth' if resume == 'auto' else Path(resume)
-        if path.is_file():
-            ckpt = load_training_state(path)
-            if ckpt.get('task') != task:
-                raise ValueError(f'{path} is a {ckpt.get("task")!r} checkpoint, not {task!r}')
-            model.load_state_dict(ckpt['model'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            if scaler is not None and ckpt.get('scaler') is not None:
-                scaler.load_state_dict(ckpt['scaler'])
-            state.update({k: ckpt[k] for k in state if k in ckpt})
-            if is_main:
-                print(f'resumed from {path} at step {state["step"]}')
-        elif resume != 'auto':
-            raise FileNotFoundError(f'no checkpoint to resume from at {path}')
+    if resume_from is not None:
+        ckpt = load_training_state(resume_from)
+        if ckpt.get('task') != task:
+            raise ValueError(f'{resume_from} is a {ckpt.get("task")!r} checkpoint, not {task!r}')
+        restore_training_state(ckpt, state, model, optimizer, scheduler, scaler)
+        if is_main:
+            print(f'resumed from {resume_from} at step {state["step"]}')
 
     def checkpoint(path: Path, **extra: Any) -> None:
         if is_main:

@@ -6,6 +6,7 @@ from .vmamba import VSSM
 from .mambaout import MambaOut
 from .vim import VisionMamba
 from .hybrid import MambaHybrid
+from .model_file import load_model, read_model_record
 
 __all__ = [
     'MambaVision',
@@ -14,5 +15,5 @@ __all__ = [
     'VisionMamba',
     'MambaHybrid',
     'create_model', 'create_any_model', 'get_pretrained_cfg', 'list_models', 'is_model', 'resolve_name',
-    'load_checkpoint', 'read_checkpoint', 'CheckpointError', 'CheckpointMismatchError',
+    'load_checkpoint', 'read_checkpoint', 'CheckpointError', 'CheckpointMismatchError', 'load_model', 'read_model_record',
 ]

@@ -14,12 +14,14 @@ local caches (Hugging Face's, torch hub's ``checkpoints/``) and downloads it onl
 with HF_HUB_OFFLINE=1).
 """
 import argparse
+import collections
 import dataclasses
 import fnmatch
 import json
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
@@ -201,6 +203,7 @@ def create_model(
         name: str,
         pretrained: bool = False,
         checkpoint_path: Optional[Union[str, Path]] = None,
+        trusted: bool = False,
         **kwargs: Any,
 ) -> nn.Module:
     """Build a model by name (ours or an official alias), optionally with a pretrained tag (``name.tag``).
@@ -212,14 +215,27 @@ def create_model(
         name: a name from ``list_models()`` or an official alias such as 'mamba_vision_T', with an optional tag
             ('mambavision_tiny.in1k'); an unknown tag raises ``ValueError`` naming the known ones.
         pretrained: load the official weights from the local caches (downloads only when allowed).
-        checkpoint_path: a local checkpoint (.pth/.pth.tar/.bin/.safetensors or a Hugging Face style folder).
+        checkpoint_path: a local checkpoint (.pth/.pth.tar/.bin/.safetensors or a Hugging Face style folder). A
+            checkpoint written by ``mambazoo train`` or a folder written by ``export --format folder`` records the
+            model's arguments and evaluation config (``models.model_file``): they are the defaults here (explicit
+            arguments win); ``mambazoo.load_model(path)`` needs no name at all.
+        trusted: allow a pickled checkpoint to hold any Python object (unpickling it could run code).
         **kwargs: model arguments (num_classes, in_chans, drop_path_rate, ...), timm's feature arguments
             (features_only, out_indices, feature_cls, feature_cfg) and pretrained_cfg / pretrained_cfg_overlay.
     """
-    if checkpoint_path is not None:
-        # A folder written by `mambazoo export --format folder` records the model's arguments in config.json
-        # (the Hugging Face hub layout): they are the defaults here, explicit arguments still win.
-        kwargs = {**_folder_model_args(Path(checkpoint_path)), **kwargs}
+    if checkpoint_path is not None and not isinstance(checkpoint_path, Mapping):
+        from .model_file import build_recorded, open_model_file
+        record, checkpoint_path = open_model_file(checkpoint_path, trusted=trusted)
+        if record is not None and resolve_name(name) == resolve_name(record['name']):
+            return build_recorded({**record, 'name': name}, checkpoint_path, kwargs)
+    return create_model_unrecorded(name, pretrained, checkpoint_path, **kwargs)
+
+
+def create_model_unrecorded(name: str, pretrained: bool = False,
+                            checkpoint_path: Optional[Union[str, Path, Mapping[str, Tensor]]] = None,
+                            **kwargs: Any) -> nn.Module:
+    """``create_model`` without reading a record: exactly the given arguments (the checkpoint a file, a folder or
+    loaded contents)."""
     tag = split_model_name_tag(name)[1]
     if tag and kwargs.get('pretrained_cfg') is None:
         kwargs['pretrained_cfg'] = tag  # as timm: an explicit pretrained_cfg wins over the name's tag
@@ -248,19 +264,6 @@ def create_any_model(name: str, img_size: Optional[int] = None, device: Any = 'c
             except TypeError:
                 pass  # a constructor without img_size (CNNs): any input size works
         return build(name, pretrained=False, **kwargs)
-
-
-def _folder_model_args(path: Path) -> Dict[str, Any]:
-    config = path / 'config.json'
-    if not (path.is_dir() and config.is_file()):
-        return {}
-    try:
-        model_args = json.loads(config.read_text()).get('model_args') or {}
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f'unreadable config.json in {path}: {e}') from e
-    if not isinstance(model_args, dict):
-        raise CheckpointError(f"config.json in {path}: 'model_args' must be a mapping, got {type(model_args).__name__}")
-    return model_args
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,8 +376,18 @@ def _weights_file_in_folder(folder: Path) -> Path:
     return found[0]
 
 
-# Harmless types that training scripts pickle beside the weights (timm's train.py saves its argparse config).
-_SAFE_CONFIG_GLOBALS = (argparse.Namespace, PosixPath, PurePosixPath)
+class _YacsConfigAsDict(dict):
+    """Stands in for yacs' ``CfgNode`` (a dict subclass): VMamba's release files pickle their training config as one
+    beside the weights. Unpickled as a plain OrderedDict (the one dict type torch's safe loader builds with
+    attributes), so those files load without yacs and without running any code."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return collections.OrderedDict()
+
+
+# Harmless types that training scripts pickle beside the weights: timm's train.py its argparse config, VMamba its
+# yacs config.
+_SAFE_CONFIG_GLOBALS = (argparse.Namespace, PosixPath, PurePosixPath, (_YacsConfigAsDict, 'yacs.config.CfgNode'))
 
 
 def _load_file(path: Path, trusted: bool = False) -> Any:
@@ -390,12 +403,14 @@ def _load_file(path: Path, trusted: bool = False) -> Any:
         with torch.serialization.safe_globals(list(_SAFE_CONFIG_GLOBALS)):
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        if 'Unsupported global' in str(e):
+        refused = re.search(r'(?:Unsupported global: GLOBAL|global) ([\w.]+)', str(e))
+        if refused or 'Unsupported global' in str(e) or 'not an allowed global' in str(e):
+            what = f'a pickled {refused.group(1)} object' if refused else 'pickled Python objects'
             raise CheckpointError(
-                f'{path} holds Python objects besides tensors and a training config, which could run code when '
-                f'loaded ({str(e).splitlines()[-1] if str(e) else e}). If you trust the file, load it with '
-                f'trusted=True.') from e
-        raise CheckpointError(f'cannot read checkpoint {path} (corrupt, or not a PyTorch file): {e}') from e
+                f'{path} holds {what} besides the weights, which the safe loader (torch.load weights_only) refuses (unpickling it could '
+                f'run code). If you trust the file, load it with trusted=True (command line: --trusted).') from e
+        raise CheckpointError(f'cannot read checkpoint {path} (corrupt, or not a PyTorch file): '
+                              f'{str(e).splitlines()[-1] if str(e) else e}') from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'cannot read checkpoint {path} (truncated or not a PyTorch file?): {e}') from e
 
@@ -414,7 +429,7 @@ def read_checkpoint(
     """
     if isinstance(source, Mapping):
         ckpt: Any = source
-        where = 'state dict'
+        where = str(getattr(source, 'path', 'state dict'))  # loaded contents may remember their file
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -482,7 +497,8 @@ def load_checkpoint(
     if not strict:
         state = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     elif missing or unexpected or mismatched:
-        raise CheckpointMismatchError(str(source) if not isinstance(source, Mapping) else 'state dict',
+        raise CheckpointMismatchError(str(getattr(source, 'path', 'state dict')) if isinstance(source, Mapping)
+                                      else str(source),
                                       missing, unexpected, mismatched)
     model.load_state_dict(state, strict=False)
     return model

@@ -5,13 +5,18 @@ names an unknown key is an error, so a typo never silently trains with a default
 """
 import ast
 import copy
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Union
 
 import yaml
 
-__all__ = ['DEFAULTS', 'load_config', 'apply_overrides', 'merge']
+__all__ = ['DEFAULTS', 'load_config', 'apply_overrides', 'merge', 'ConfigError', 'check_config']
+
+
+class ConfigError(ValueError):
+    """A config that cannot train: an unknown key, a value of the wrong type or out of range, unreadable YAML."""
 
 DEFAULTS: Dict[str, Any] = {
     'task': 'classification',      # classification | detection | segmentation (the last two: downstream.*)
@@ -26,7 +31,10 @@ DEFAULTS: Dict[str, Any] = {
         'name': 'fashion_mnist',   # fashion_mnist | digits | imagefolder | fake
         'path': None,              # dataset root (imagefolder: holds train/ and val/; fashion_mnist: IDX files)
         'train_split': 'train',
-        'val_split': 'val',
+        'val_split': 'val',        # imagefolder: picks the best checkpoint (absent: images held out of train/)
+        'test_split': 'test',      # imagefolder: evaluated once at the end, where the folder exists
+        'holdout': 'auto',         # training images held out for validation where a set has no validation split
+                                   # (Fashion-MNIST, digits): 'auto' = min(5000, a tenth); 0 = validate on test
         'img_size': 224,
         'in_chans': None,          # None: 1 for the grayscale sets, 3 otherwise
         'num_classes': None,       # None: from the dataset
@@ -148,10 +156,13 @@ def merge(base: Dict[str, Any], update: Dict[str, Any], where: str = '') -> Dict
         if where in FREE_FORM:  # constructor arguments: any key
             out[key] = value
         elif key not in out:
-            raise KeyError(f'unknown config key {path!r}; known keys here: {", ".join(sorted(out))}')
+            close = difflib.get_close_matches(str(key), list(out), n=3, cutoff=0.6)
+            hint = f'did you mean {" or ".join(repr(f"{where}.{c}" if where else c) for c in close)}? ' if close else ''
+            raise ConfigError(f'unknown config key {path!r}; {hint}known keys here: {", ".join(sorted(out))}')
         elif isinstance(out[key], dict):
             if not isinstance(value, dict):
-                raise TypeError(f'config key {path!r} must be a mapping, got {value!r}')
+                raise ConfigError(f'config key {path!r} must be a mapping (its keys: {", ".join(sorted(out[key]))}), '
+                                  f'got {value!r}')
             out[key] = merge(out[key], value, path)
         else:
             out[key] = value
@@ -191,8 +202,8 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
     config = copy.deepcopy(config)
     for item in overrides or []:
         key, sep, text = item.partition('=')
-        if not sep:
-            raise ValueError(f'override must be key=value, got {item!r}')
+        if not sep or not key.strip():
+            raise ConfigError(f'--set expects key=value (e.g. sched.epochs=5), got {item!r}')
         parts = key.strip().split('.')
         update: Dict[str, Any] = {}
         node = update
@@ -204,12 +215,78 @@ def apply_overrides(config: Dict[str, Any], overrides: Iterable[str]) -> Dict[st
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS, then the YAML file (if any), then the overrides."""
+    """DEFAULTS, then the YAML file (if any), then the overrides; checked (``check_config``)."""
     config = copy.deepcopy(DEFAULTS)
     if path is not None:
-        with open(path) as f:
-            loaded = _yaml_load(f) or {}
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f'config file not found: {path}' + (' (a folder)' if path.is_dir() else ''))
+        try:
+            with open(path) as f:
+                loaded = _yaml_load(f) or {}
+        except yaml.MarkedYAMLError as e:
+            mark = e.problem_mark or e.context_mark
+            where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+            raise ConfigError(f'{path}: invalid YAML{where}: {e.problem or e.context}') from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f'{path}: not a readable YAML file ({e})') from None
         if not isinstance(loaded, dict):
-            raise ValueError(f'{path}: a config file must hold a mapping at the top level')
+            raise ConfigError(f'{path}: a config file must hold a mapping at the top level')
         config = merge(config, loaded)
-    return apply_overrides(config, overrides)
+    return check_config(apply_overrides(config, overrides))
+
+
+# Value ranges the trainer needs: (key, test, what the value must be).
+_RANGES = (
+    ('optim.lr', lambda v: v > 0, 'a positive number'),
+    ('optim.weight_decay', lambda v: v >= 0, 'a number >= 0'),
+    ('optim.accum_steps', lambda v: v >= 1, 'an integer >= 1'),
+    ('sched.epochs', lambda v: v >= 1, 'an integer >= 1'),
+    ('sched.warmup_epochs', lambda v: v >= 0, 'a number >= 0'),
+    ('data.batch_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('data.img_size', lambda v: v >= 1, 'an integer >= 1'),
+    ('data.workers', lambda v: v >= 0, 'an integer >= 0'),
+    ('train.threads', lambda v: v >= 0, 'an integer >= 0 (0: torch\'s default)'),
+    ('train.checkpoint_interval_steps', lambda v: v >= 0, 'an integer >= 0'),
+)
+
+
+_CHECKED_APART = ('data.holdout',)  # 'auto' or a count: check_config tests it
+
+
+def _type_name(value: Any) -> str:
+    return {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', list: 'a list'}.get(
+        type(value), type(value).__name__)
+
+
+def _check_types(config: Dict[str, Any], defaults: Dict[str, Any], where: str = '') -> None:
+    for key, default in defaults.items():
+        path = f'{where}.{key}' if where else key
+        value = config.get(key)
+        if path in FREE_FORM or path in _CHECKED_APART or default is None or value is None:
+            continue  # free-form, or optional (None: the model's or the data's default)
+        if isinstance(default, dict):
+            _check_types(value, default, path)
+            continue
+        ok = (isinstance(value, bool) if isinstance(default, bool)
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+              else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+              else isinstance(value, (list, tuple)) if isinstance(default, list)
+              else isinstance(value, type(default)))
+        if not ok:
+            raise ConfigError(f'config key {path!r} must be {_type_name(default)}, got {value!r}')
+
+
+def check_config(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Raise ConfigError naming the first key whose value has the wrong type or is out of range; returns config."""
+    _check_types(config, DEFAULTS)
+    for path, test, expected in _RANGES:
+        node: Any = config
+        for part in path.split('.'):
+            node = node[part]
+        if node is not None and not test(node):
+            raise ConfigError(f'config key {path!r} must be {expected}, got {node!r}')
+    holdout = config['data']['holdout']
+    if not (holdout == 'auto' or (isinstance(holdout, int) and not isinstance(holdout, bool) and holdout >= 0)):
+        raise ConfigError(f"config key 'data.holdout' must be 'auto' or an integer >= 0, got {holdout!r}")
+    return config

@@ -10,7 +10,9 @@ at any point and resumed from its last checkpoint therefore ends with the same w
 as a run that was never interrupted.
 """
 import contextlib
+import copy
 import csv
+import json
 import logging
 import math
 import os
@@ -25,11 +27,12 @@ from torch import nn
 from ..data.loader import SeededDataset, build_data, build_loader, derive_seed, seed_all
 from ..models import create_model
 from ..models._builder import get_pretrained_cfg
-from .checkpoint import load_training_state, rng_state, save_atomic
+from ..models.model_file import RECORD_KEY, model_record, recorded_cfg
+from .checkpoint import checked_run_dir, load_training_state, restore_training_state, rng_state, save_atomic
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ['train', 'evaluate', 'TrainResult']
+__all__ = ['train', 'evaluate', 'setup_distributed', 'TrainResult']
 
 TrainResult = Dict[str, Any]
 
@@ -37,7 +40,7 @@ TrainResult = Dict[str, Any]
 # ---------------------------------------------------------------------------------------------------------
 # Set-up
 
-def _setup_distributed(device_name: str) -> Tuple[int, int, torch.device]:
+def setup_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     """(rank, world size, device); initialises torch.distributed when launched by torchrun."""
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
@@ -53,13 +56,19 @@ def _setup_distributed(device_name: str) -> Tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def _build_model(config: Dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+def _model_args(config: Dict[str, Any], num_classes: int, in_chans: int) -> Dict[str, Any]:
+    """The arguments the model is built with beside its name (what its checkpoints record)."""
     m = config['model']
-    kwargs = dict(m['kwargs'] or {})
+    kwargs = dict(m['kwargs'] or {}, num_classes=num_classes, in_chans=in_chans)
     if m['drop_path_rate'] is not None:
         kwargs['drop_path_rate'] = m['drop_path_rate']
+    return kwargs
+
+
+def _build_model(config: Dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
+    m = config['model']
     return create_model(m['name'], pretrained=m['pretrained'], checkpoint_path=m['checkpoint'],
-                        num_classes=num_classes, in_chans=in_chans, **kwargs)
+                        **_model_args(config, num_classes, in_chans))
 
 
 def _criterion(config: Dict[str, Any], mixup_active: bool) -> nn.Module:
@@ -233,22 +242,30 @@ def plot_history(history: List[Dict[str, float]], path: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # Training
 
-def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
-    """Train and validate as ``config`` says; ``resume`` is a checkpoint path or 'auto' (the run's last.pth)."""
+def train(config: Dict[str, Any], resume: Optional[str] = None, overwrite: bool = False) -> TrainResult:
+    """Train and validate as ``config`` says, then test the best checkpoint once where the data has a test set.
+
+    ``resume``: a checkpoint path or 'auto' (the run's last.pth); ``overwrite``: replace a run the output folder
+    holds (otherwise such a folder is refused: ``checkpoint.prepare_run_dir``)."""
     t_cfg, o_cfg, s_cfg = config['train'], config['optim'], config['sched']
     if t_cfg['threads']:
         torch.set_num_threads(t_cfg['threads'])
-    rank, world_size, device = _setup_distributed(t_cfg['device'])
+    rank, world_size, device = setup_distributed(t_cfg['device'])
     is_main = rank == 0
     seed = int(t_cfg['seed'])
     seed_all(derive_seed(seed, rank, 0xA11))
     out_dir = Path(t_cfg['output'])
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     # Data first: the model's number of classes and input channels come from it.
     data = build_data(config, get_pretrained_cfg(config['model']['name']))
     model = _build_model(config, data.num_classes, data.in_chans)
+    record = model_record(config['model']['name'], _model_args(config, data.num_classes, data.in_chans),
+                          data.eval_config, data.classes if len(data.classes) == data.num_classes else None)
+    model.pretrained_cfg = {**model.pretrained_cfg, **recorded_cfg(record)}  # what load_model will give it
+    # Before the first step: the folder holds no other run, is writable, and has room for the checkpoints
+    # (last, best and a temporary file, each the weights, the EMA copy and the optimizer's moments).
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    resume_from = checked_run_dir(out_dir, resume, overwrite, 12 * state_bytes, is_main)
     if t_cfg['grad_checkpointing']:
         model.set_grad_checkpointing(True)
     model.to(device)
@@ -299,24 +316,13 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     # 'epoch_sums': the running training loss/accuracy of the current epoch, so a mid-epoch resume reports the
     # same epoch figures as an uninterrupted run.
     state = {'epoch': 0, 'step_in_epoch': 0, 'global_step': 0, 'best_top1': -1.0, 'best_epoch': -1, 'history': [],
-             'epoch_sums': _fresh_sums()}
-    if resume:
-        path = out_dir / 'last.pth' if resume == 'auto' else Path(resume)
-        if path.is_file():
-            ckpt = load_training_state(path)
-            model.load_state_dict(ckpt['model'])
-            optimizer.load_state_dict(ckpt['optimizer'])
-            scheduler.load_state_dict(ckpt['scheduler'])
-            if ema is not None and ckpt.get('ema') is not None:
-                ema.module.load_state_dict(ckpt['ema'])
-            if scaler is not None and ckpt.get('scaler') is not None:
-                scaler.load_state_dict(ckpt['scaler'])
-            state.update({k: ckpt[k] for k in state if k in ckpt})
-            if is_main:
-                print(f'resumed from {path}: epoch {state["epoch"]}, step {state["step_in_epoch"]}, '
-                      f'global step {state["global_step"]}')
-        elif resume != 'auto':
-            raise FileNotFoundError(f'no checkpoint to resume from at {path}')
+             'epoch_sums': _fresh_sums(), 'best_weights': 'model'}
+    if resume_from is not None:
+        restore_training_state(resume_from, state, model, optimizer, scheduler, scaler,
+                               ema.module if ema is not None else None)
+        if is_main:
+            print(f'resumed from {resume_from}: epoch {state["epoch"]}, step {state["step_in_epoch"]}, '
+                  f'global step {state["global_step"]}')
 
     log = _RunLog(out_dir, config, enabled=is_main)
     log.history = list(state['history'])
@@ -330,15 +336,16 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
             'scaler': scaler.state_dict() if scaler is not None else None, 'rng': rng_state(),
             'epoch': epoch, 'step_in_epoch': step_in_epoch, 'global_step': state['global_step'],
             'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'history': log.history,
-            'epoch_sums': dict(state['epoch_sums']),
-            'config': config, 'arch': config['model']['name'], 'num_classes': data.num_classes,
-            'in_chans': data.in_chans, 'classes': data.classes,
+            'epoch_sums': dict(state['epoch_sums']), 'best_weights': state['best_weights'],
+            RECORD_KEY: {**record, 'weights': state['best_weights'] if path.name == 'best.pth' else 'model'},
+            'config': config,
         }, path)
 
     if is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f'training {config["model"]["name"]} ({n_params / 1e6:.2f}M params) on {config["data"]["name"]} '
-              f'({len(data.train)} train / {len(data.val)} val, {data.num_classes} classes) for {num_epochs} epochs '
+              f'({len(data.train)} train / {len(data.val)} val: {data.val_source}'
+              f'{f" / {len(data.test)} test" if data.test is not None else ""}, {data.num_classes} classes) for {num_epochs} epochs '
               f'x {steps_per_epoch} steps, batch {batch_size} x {accum} accum x {world_size} processes, '
               f'{device}, {torch.get_num_threads()} threads; output {out_dir}')
 
@@ -363,11 +370,12 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
                'val_loss': metrics['loss'], 'val_top1': metrics['top1'], 'val_top5': metrics['top5'],
                'lr': optimizer.param_groups[0]['lr'], 'train_images_per_s': stats['images_per_s'],
                'elapsed_s': time.perf_counter() - t_start}
-        score = metrics['top1']
+        score, weights = metrics['top1'], 'model'
         if ema is not None and config['ema']['eval']:
             ema_metrics = evaluate(ema.module, val_loader, device, amp_dtype, world_size)
             row.update(ema_top1=ema_metrics['top1'], ema_top5=ema_metrics['top5'])
-            score = max(score, ema_metrics['top1'])
+            if ema_metrics['top1'] > score:
+                score, weights = ema_metrics['top1'], 'ema'
         log.epoch(row, state['global_step'])
         if is_main:
             ema_note = f', EMA top-1 {row["ema_top1"]:.2f}%' if 'ema_top1' in row else ''
@@ -376,7 +384,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
                   f'({stats["images_per_s"]:.0f} img/s, {row["elapsed_s"]:.0f} s)')
         improved = score > state['best_top1']
         if improved:
-            state.update(best_top1=score, best_epoch=epoch + 1)
+            state.update(best_top1=score, best_epoch=epoch + 1, best_weights=weights)
         state.update(epoch=epoch + 1, step_in_epoch=0, epoch_sums=_fresh_sums())
         if improved:
             checkpoint(out_dir / 'best.pth', epoch + 1, 0, top1=score)  # the full state, like last.pth
@@ -385,13 +393,37 @@ def train(config: Dict[str, Any], resume: Optional[str] = None) -> TrainResult:
     png = log.close(t_cfg['plots'])
     if world_size > 1:
         dist.barrier()
+    test = _test_best(model, out_dir / 'best.pth', data, config, device, amp_dtype, rank, world_size, is_main)
     result = {'final': final, 'best_top1': state['best_top1'], 'best_epoch': state['best_epoch'], 'rank': rank,
-              'output': str(out_dir), 'plot': str(png) if png else None,
-              'seconds': time.perf_counter() - t_start, 'model': model, 'ema': ema.module if ema else None}
+              'output': str(out_dir), 'plot': str(png) if png else None, 'test': test,
+              'val_source': data.val_source, 'seconds': time.perf_counter() - t_start, 'model': model,
+              'ema': ema.module if ema else None}
     if is_main:
-        print(f'done: best top-1 {state["best_top1"]:.2f}% (epoch {state["best_epoch"]}); checkpoints '
+        print(f'done: best val top-1 {state["best_top1"]:.2f}% (epoch {state["best_epoch"]}); checkpoints '
               f'{out_dir / "best.pth"}, {out_dir / "last.pth"}; metrics {out_dir / "metrics.csv"}'
               + (f'; curves {png}' if png else ''))
+    return result
+
+
+def _test_best(model: nn.Module, best: Path, data, config: Dict[str, Any], device: torch.device, amp_dtype,
+               rank: int, world_size: int, is_main: bool) -> Optional[Dict[str, Any]]:
+    """The test set's figures for best.pth's weights (the ones chosen on the validation set), evaluated once and
+    written to test_metrics.json; None where the data has no test set apart from validation."""
+    if data.test is None or not best.is_file():
+        return None
+    ckpt = load_training_state(best)
+    weights = ckpt['ema'] if ckpt.get('best_weights') == 'ema' and ckpt.get('ema') is not None else ckpt['model']
+    tested = copy.deepcopy(model)
+    tested.load_state_dict(weights)
+    eval_bs = config['data']['eval_batch_size'] or config['data']['batch_size']
+    loader, _ = build_loader(data.test, eval_bs, False, 0, config['data']['workers'], rank, world_size, pad=False)
+    metrics = evaluate(tested, loader, device, amp_dtype, world_size)
+    result = {'top1': metrics['top1'], 'top5': metrics['top5'], 'loss': metrics['loss'], 'count': len(data.test),
+              'checkpoint': str(best), 'epoch': ckpt.get('best_epoch'), 'weights': ckpt.get('best_weights', 'model')}
+    if is_main:
+        (best.parent / 'test_metrics.json').write_text(json.dumps(result, indent=2))
+        print(f'test: top-1 {result["top1"]:.2f}%, top-5 {result["top5"]:.2f}% on {result["count"]} test images '
+              f'(best.pth, epoch {result["epoch"]}, evaluated once)')
     return result
 
 

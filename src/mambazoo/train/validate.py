@@ -5,31 +5,25 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..data.datasets import SafeImageFolder, load_digits, load_fashion_mnist
-from ..data.loader import build_loader, match_channels, with_mode
-from ..models import create_model, read_checkpoint
+from ..data.images import build_eval_transform, eval_data_config
+from ..data.loader import build_loader
+from ..models import create_model, load_checkpoint, load_model, read_model_record
 from ..runtime import optimize_for_cpu
 from .trainer import evaluate
 
-__all__ = ['validate']
+__all__ = ['validate', 'evaluation_dataset']
 
 
-def _eval_transform(model, in_chans: int, img_size: Optional[int], crop_pct: Optional[float],
-                    mean=None, std=None, interpolation: Optional[str] = None):
-    """The model's evaluation transform (resize by crop_pct, center crop, its mean/std), resolved by timm."""
-    from timm.data import create_transform, resolve_data_config
-    args: Dict[str, Any] = {}
-    if img_size:
-        args['input_size'] = (in_chans, img_size, img_size)
-    if crop_pct:
-        args['crop_pct'] = crop_pct
-    if mean is not None:
-        args['mean'], args['std'] = tuple(mean), tuple(std)
-    if interpolation:
-        args['interpolation'] = interpolation
-    cfg = resolve_data_config(args, model=model)
-    cfg['input_size'] = (in_chans,) + tuple(cfg['input_size'][1:])
-    cfg['mean'], cfg['std'] = match_channels(cfg['mean'], cfg['std'], in_chans)
-    return create_transform(**cfg, is_training=False), cfg
+def evaluation_dataset(data: Union[str, Path], split: Optional[str] = None):
+    """The images ``validate`` evaluates on: Fashion-MNIST's or digits' test split, or an ImageFolder (its
+    ``split`` folder, default ``val/``, where there is one; else the root's class folders)."""
+    if str(data) == 'fashion_mnist':
+        return load_fashion_mnist(None, 'test')
+    if str(data) == 'digits':
+        return load_digits('val')
+    root = Path(data)
+    root = root / (split or 'val') if (root / (split or 'val')).is_dir() else root
+    return SafeImageFolder(root, substitute=False)
 
 
 def validate(
@@ -41,57 +35,41 @@ def validate(
         img_size: Optional[int] = None,
         crop_pct: Optional[float] = None,
         device: str = 'cpu',
-        use_ema: bool = False,
+        use_ema: Optional[bool] = None,
         split: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        trusted: bool = False,
 ) -> Dict[str, Any]:
     """Top-1 / top-5 accuracy, loss and images/s.
 
     Args:
-        model_name: the architecture; taken from the checkpoint (``arch``) when it was written by our trainer.
-        checkpoint: weights (any format ``load_checkpoint`` reads); our training checkpoints also carry the
-            number of classes, input channels, image size and normalisation they were trained with.
+        model_name: the architecture; not needed for a checkpoint that records its model (``mambazoo train``'s,
+            an exported folder), which is then rebuilt with its arguments, class names and evaluation transform.
+        checkpoint: weights (any format ``load_checkpoint`` reads).
         data: 'fashion_mnist', 'digits', or an ImageFolder root (uses its ``val/`` folder when there is one).
-        use_ema: evaluate the EMA weights of the checkpoint.
+        use_ema: the EMA weights of a training checkpoint (None: the ones its record names).
+        img_size, crop_pct: replace the model's evaluation size and crop.
+        trusted: allow a pickled checkpoint to hold any Python object.
     """
-    raw = None
-    if checkpoint is not None and Path(checkpoint).is_file() and not str(checkpoint).endswith('.safetensors'):
-        try:
-            raw = torch.load(checkpoint, map_location='cpu', weights_only=True)
-        except Exception:  # read_checkpoint below reports what is wrong with the file
-            raw = None
-    meta: Dict[str, Any] = raw if isinstance(raw, dict) and 'config' in raw else {}  # written by our trainer
-    model_name = model_name or meta.get('arch')
-    if not model_name:
-        raise ValueError('name the model (--model): the checkpoint does not record its architecture')
-    train_cfg = (meta.get('config') or {})
-    kwargs = dict((train_cfg.get('model') or {}).get('kwargs') or {}, **(model_kwargs or {}))
-    in_chans = meta.get('in_chans') or (1 if str(data) in ('fashion_mnist', 'digits') else 3)
-    data_cfg = train_cfg.get('data') or {}
-    img_size = img_size or data_cfg.get('img_size')
-    crop_pct = crop_pct or data_cfg.get('crop_pct')
-
-    num_classes = meta.get('num_classes')
-    if str(data) == 'fashion_mnist':
-        dataset = load_fashion_mnist(data_cfg.get('path'), 'test')
-    elif str(data) == 'digits':
-        dataset = load_digits('val')
+    if batch_size < 1:
+        raise ValueError(f'batch size must be at least 1, got {batch_size}')
+    if model_name is None and checkpoint is None:
+        raise ValueError('name the model (--model NAME) or a trained model file (--checkpoint PATH)')
+    record = read_model_record(checkpoint, trusted=trusted) if checkpoint is not None else None
+    dataset = evaluation_dataset(data, split)
+    if record is not None and (model_name is None or _same_name(model_name, record)):
+        model = load_model(checkpoint, use_ema=use_ema, trusted=trusted, **(model_kwargs or {}))
+        model_name = record['name']
+    elif model_name is None:
+        raise ValueError(f'name the model (--model NAME): {checkpoint} does not record which model it holds')
     else:
-        root = Path(data)
-        root = root / (split or 'val') if (root / (split or 'val')).is_dir() else root
-        dataset = SafeImageFolder(root, substitute=False)
-    num_classes = num_classes or len(dataset.classes)
-    model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **kwargs)
-    if checkpoint is not None:
-        from ..models import load_checkpoint
-        load_checkpoint(model, read_checkpoint(meta or checkpoint, use_ema=use_ema))
-    mean, std = data_cfg.get('mean'), data_cfg.get('std')
-    if mean is None and str(data) in ('fashion_mnist', 'digits'):
-        from ..data.datasets import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    # A checkpoint of our trainer is evaluated exactly as the trainer did; otherwise the family's own transform.
-    transform, cfg = _eval_transform(model, in_chans, img_size, crop_pct, mean, std, data_cfg.get('interpolation'))
-    dataset.transform = with_mode(transform, in_chans)
+        grayscale = str(data) in ('fashion_mnist', 'digits')
+        kwargs = {'num_classes': len(dataset.classes), 'in_chans': 1 if grayscale else 3, **(model_kwargs or {})}
+        model = create_model(model_name, **kwargs)
+        if checkpoint is not None:
+            load_checkpoint(model, checkpoint, use_ema=bool(use_ema), trusted=trusted)
+    cfg = eval_data_config(model, img_size, crop_pct)
+    dataset.transform = build_eval_transform(model, img_size, crop_pct)
     loader, _ = build_loader(dataset, batch_size, False, 0, workers, pad=False)
     dev = torch.device(device)
     if dev.type == 'cpu':
@@ -103,3 +81,8 @@ def validate(
     if bad:
         metrics['skipped_files'] = bad
     return metrics
+
+
+def _same_name(name: str, record: Dict[str, Any]) -> bool:
+    from ..models import resolve_name
+    return resolve_name(name) == resolve_name(record['name'])
