@@ -273,7 +273,7 @@ def _scan_inference_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ch
 def auto_chunk_size(batch: int, dim: int, d_state: int) -> int:
     """Time steps per chunk: a power of two putting about 128k state elements in a chunk buffer (half a MB in
     float32, resident in a core's L2 cache), between 4 and 256 steps."""
-    steps = max(1, 131072 // (batch * dim * d_state))
+    steps = max(1, 131072 // max(1, batch * dim * d_state))  # an empty batch: any size (nothing is scanned)
     return int(min(256, max(4, 2 ** round(math.log2(steps)))))
 
 
