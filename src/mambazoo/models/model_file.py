@@ -11,7 +11,7 @@ Every checkpoint ``mambazoo train`` writes (last.pth, best.pth) holds, beside th
     mambazoo_version
 
 ``load_model(path)`` builds the model from that alone and loads its weights. The ``pretrained_cfg`` entries are
-laid over the family's cfg on ``model.pretrained_cfg`` (with no hub id or url: the weights are the file's), where
+laid over the family's cfg on ``model.pretrained_cfg`` (with no hub id, url or tag: the weights are the file's), where
 timm's ``resolve_data_config``, so ``data.images.build_eval_transform``, and ``predict.class_names`` find them; every
 command then preprocesses and labels as the training run did. ``create_model(name, checkpoint_path=path)`` takes
 the recorded arguments as its defaults too.
@@ -64,7 +64,7 @@ def model_record(name: str, model_args: Mapping[str, Any], data_config: Mapping[
 def recorded_cfg(record: Mapping[str, Any]) -> Dict[str, Any]:
     """The pretrained_cfg entries a record lays over its family's cfg (tuples where timm keeps tuples)."""
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (record.get('pretrained_cfg') or {}).items()}
-    return {**cfg, 'hf_hub_id': None, 'url': None}
+    return {**cfg, 'hf_hub_id': None, 'url': None, 'tag': None}  # these weights are the file's, not a release's
 
 
 def _legacy_record(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
@@ -121,11 +121,13 @@ def _folder_record(folder: Path) -> Optional[Dict[str, Any]]:
     args = config.get('model_args') or {}
     if not isinstance(args, dict):
         raise CheckpointError(f"config.json in {folder}: 'model_args' must be a mapping, got {type(args).__name__}")
-    cfg = {k: v for k, v in (config.get('pretrained_cfg') or {}).items() if k in DATA_CONFIG_KEYS}
+    saved = config.get('pretrained_cfg') or {}
+    cfg = {k: v for k, v in saved.items() if k in DATA_CONFIG_KEYS}
     if config.get('num_classes') is not None:
         cfg['num_classes'] = config['num_classes']
-    if config.get('label_names'):
-        cfg['label_names'] = list(config['label_names'])
+    labels = config.get('label_names') or saved.get('label_names')  # timm keeps them in either place
+    if labels:
+        cfg['label_names'] = list(labels.values()) if isinstance(labels, dict) else list(labels)
     return {'name': config['architecture'], 'args': args, 'pretrained_cfg': cfg}
 
 
