@@ -25,6 +25,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = [
     'DatasetNotFoundError', 'ArrayImageDataset', 'SafeImageFolder', 'collate_skipping_none', 'read_idx', 'load_fashion_mnist', 'load_digits',
+    'save_examples',
     'FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'FASHION_MNIST_MEAN', 'FASHION_MNIST_STD',
 ]
 
@@ -80,6 +81,20 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[object, int]:
         img = Image.fromarray(self.images[index])
         return (self.transform(img) if self.transform else img), int(self.labels[index])
+
+
+def save_examples(dataset: ArrayImageDataset, folder: Union[str, Path], count: int) -> List[Path]:
+    """The first ``count`` images of ``dataset`` as PNG files ``<index>_<class>.png`` in ``folder``: real files to
+    try ``mambazoo predict`` on (the README's main job classifies a few test images this way)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(min(count, len(dataset))):
+        label = dataset.classes[int(dataset.labels[index])]
+        path = folder / f'{index:05d}_{"".join(c if c.isalnum() else "-" for c in label)}.png'
+        Image.fromarray(dataset.images[index]).save(path)
+        paths.append(path)
+    return paths
 
 
 def load_fashion_mnist(root: Optional[Union[str, Path]] = None, split: str = 'train',
