@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from helpers import TINY_MAMBAVISION
+from mambazoo.analysis import benchmark
 from mambazoo.analysis.benchmark import (BenchmarkResult, PeakMemory, benchmark_report, create_any_model,
-                                         format_benchmark_table, run_benchmark)
+                                         format_benchmark_table, measure_training_step, run_benchmark)
 
 MEASURED = ('params_m', 'gflops', 'infer_images_per_s', 'infer_ms_per_batch', 'latency_ms', 'infer_peak_memory_mb',
             'train_images_per_s', 'train_ms_per_step', 'train_peak_memory_mb')
@@ -68,3 +69,24 @@ def test_cpu_peak_memory_sees_an_allocation():
         block = torch.ones(32 * 2 ** 20 // 4)  # 32 MiB, touched
         del block
     assert 30 <= mem.mb < 200
+
+
+def test_training_step_measured_and_shared_with_the_benchmark(monkeypatch):
+    """``measure_training_step`` times a step and leaves the model as it found it; ``run_benchmark``'s training
+    fields come from it (benchmarks/cpu_latency.py's training rows call it too: they agree by construction)."""
+    torch.manual_seed(0)
+    model = create_any_model('mambavision_tiny', **TINY_MAMBAVISION).eval()
+    seconds, peak_mb = measure_training_step(model, batch_size=2, img_size=32, warmup=0, iters=1)
+    assert seconds > 0 and (peak_mb is None or peak_mb >= 0)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+    calls = []
+
+    def fake_step(model, batch_size, img_size, *args):
+        calls.append((batch_size, img_size))
+        return 0.5, 7.0
+    monkeypatch.setattr(benchmark, 'measure_training_step', fake_step)
+    result, = run_benchmark(['mambavision_tiny'], sizes=(32,), batch_size=2, train=True, latency=False, warmup=0,
+                            iters=1, model_kwargs=TINY_MAMBAVISION, flops=False)
+    assert calls == [(2, 32)]
+    assert (result.train_ms_per_step, result.train_images_per_s, result.train_peak_memory_mb) == (500.0, 4.0, 7.0)

@@ -3,7 +3,9 @@
 For each model and input size: inference images/s (eval, no grad, at the batch size), latency at batch 1 (median),
 training images/s (one forward + backward + AdamW step, random labels), peak memory of an inference pass and of a
 training step, parameters and FLOPs (``count_flops`` on the meta device: one multiply-add = 1 FLOP). Timings are
-medians over ``iters`` runs after ``warmup`` runs, synchronised on CUDA.
+medians over ``iters`` runs after ``warmup`` runs, synchronised on CUDA. The training step is
+``measure_training_step``, which ``benchmarks/cpu_latency.py``'s training rows call too: the two agree by
+construction.
 
 Peak memory is the growth above the level before the measured pass (the weights, and the optimizer state of the
 training step, already resident): on CUDA ``torch.cuda.max_memory_allocated`` after a reset of the peak counter;
@@ -33,8 +35,8 @@ from torch import Tensor, nn
 from ..models import create_any_model
 from ..runtime import optimize_for_cpu
 
-__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'run_benchmark', 'format_benchmark_table',
-           'benchmark_report', 'PeakMemory']
+__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'measure_training_step', 'run_benchmark',
+           'format_benchmark_table', 'benchmark_report', 'PeakMemory']
 
 DEFAULT_SWEEP = (224, 512, 640, 768, 1024, 1248)
 
@@ -184,32 +186,64 @@ def benchmark_model(
         out['latency_ms'] = _median_seconds(lambda: infer(one), warmup, iters, device) * 1e3
 
     if train:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp and _amp_dtype(device, amp_dtype) == torch.float16)
-        target = torch.randint(0, 2, (batch_size,), device=device)
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with autocast():
-                logits = model(x)
-            if logits.ndim == 2 and logits.shape[1] > 1:
-                loss = nn.functional.cross_entropy(logits.float(), target)
-            else:
-                loss = logits.float().mean()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        seconds = _median_seconds(step, max(warmup, 1), iters, device)  # the first step creates AdamW's state
+        seconds, out['train_peak_memory_mb'] = measure_training_step(model, batch_size, img_size, device, amp,
+                                                                     amp_dtype, warmup, iters, in_chans)
         out['train_ms_per_step'] = seconds * 1e3
         out['train_images_per_s'] = batch_size / seconds
+    return out
+
+
+def measure_training_step(
+        model: nn.Module,
+        batch_size: int = 32,
+        img_size: int = 224,
+        device: Any = 'cpu',
+        amp: bool = False,
+        amp_dtype: Optional[str] = None,
+        warmup: int = 2,
+        iters: int = 5,
+        in_chans: Optional[int] = None,
+) -> Tuple[float, Optional[float]]:
+    """The training step of ``mambazoo benchmark --train`` (``benchmark_model``'s training fields come from here;
+    ``benchmarks/cpu_latency.py``'s training rows call it too): one forward on a fixed random batch,
+    cross-entropy on random labels, backward and an AdamW step (grads set to None first).
+
+    Returns the median seconds of ``iters`` steps after ``max(warmup, 1)`` untimed ones (the first step creates
+    AdamW's state), and the peak memory growth (MiB, ``PeakMemory``) of one more step, above the weights and the
+    optimizer state. The model is left in eval mode, the optimizer dropped.
+    """
+    device = torch.device(device)
+    model.to(device)
+    if in_chans is None:
+        in_chans = getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0]
+    autocast = (lambda: torch.autocast(device.type, dtype=_amp_dtype(device, amp_dtype))) if amp \
+        else contextlib.nullcontext
+    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    target = torch.randint(0, 2, (batch_size,), device=device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and _amp_dtype(device, amp_dtype) == torch.float16)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits = model(x)
+        if logits.ndim == 2 and logits.shape[1] > 1:
+            loss = nn.functional.cross_entropy(logits.float(), target)
+        else:
+            loss = logits.float().mean()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    try:
+        seconds = _median_seconds(step, max(warmup, 1), iters, device)
         with PeakMemory(device) as mem:
             step()
-        out['train_peak_memory_mb'] = mem.mb
+    finally:
         optimizer.zero_grad(set_to_none=True)
         del optimizer
         model.eval()
-    return out
+    return seconds, mem.mb
 
 
 def _error_text(e: BaseException) -> str:
