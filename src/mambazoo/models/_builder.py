@@ -105,7 +105,7 @@ def resolve_name(name: str) -> str:
     base = _aliases.get(base, base)
     if base not in _entrypoints:
         close = [n for n in list(_entrypoints) + list(_aliases) if base.lower()[:8] in n.lower()][:8]
-        hint = f' Did you mean one of: {", ".join(close)}?' if close else ' See mambazoo.list_models().'
+        hint = f' Did you mean one of: {", ".join(close)}?' if close else ' See mambazoo.list_models() (command line: mambazoo list).'
         raise ValueError(f'Unknown model {name!r}.{hint}')
     return base
 
