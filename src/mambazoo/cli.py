@@ -92,22 +92,23 @@ def _architecture(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
 
 
 def _load_model(args: argparse.Namespace, purpose: str):
-    """(model in eval mode, its name): from --checkpoint alone when it records its model, else --model NAME with
-    --checkpoint / --pretrained weights. Says so on stderr when the weights are random (``purpose`` says what
-    they would be used for)."""
+    """(model in eval mode, its name, the arguments it was built with beside the name): from --checkpoint alone when
+    it records its model, else --model NAME with --checkpoint / --pretrained weights. Says so on stderr when the
+    weights are random (``purpose`` says what they would be used for)."""
     import mambazoo
     kwargs = _model_kwargs(args)
     trusted = getattr(args, 'trusted', False)
     pretrained = getattr(args, 'pretrained', False)
     if args.model is None:
-        name, _ = _architecture(args)
-        return mambazoo.load_model(args.checkpoint, trusted=trusted, **kwargs), name
+        name, recorded = _architecture(args)
+        recorded.pop('pretrained_cfg_overlay')
+        return mambazoo.load_model(args.checkpoint, trusted=trusted, **kwargs), name, recorded
     model = mambazoo.create_model(args.model, pretrained=pretrained, checkpoint_path=args.checkpoint,
                                   trusted=trusted, **kwargs).eval()
     if args.checkpoint is None and not pretrained:
         print(f'note: {args.model} has random weights (no --checkpoint or --pretrained): its {purpose} mean nothing',
               file=sys.stderr)
-    return model, args.model
+    return model, args.model, kwargs
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -138,7 +139,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, name = _load_model(args, 'predictions')
+    model, name, _ = _load_model(args, 'predictions')
     model.to(args.device)
     if args.device == 'cpu':
         mambazoo.optimize_for_cpu(model)  # the machine's faster GEMM for the linear layers (same results)
@@ -208,7 +209,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import mambazoo
     from mambazoo.demo import build_demo, launch
     from mambazoo.predict import class_names
-    model, _ = _load_model(args, 'predictions')
+    model, _, _ = _load_model(args, 'predictions')
     mambazoo.optimize_for_cpu(model)  # the machine's faster GEMM for the linear layers (same results)
     demo = build_demo(model, class_names(model))
     try:
@@ -326,7 +327,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from mambazoo.analysis.erf import compute_erf, erf_heatmap, high_contribution_area_ratio, save_erf_png
     _positive('--num-images', args.num_images)
     _positive('--img-size', args.img_size)
-    model, name = _load_model(args, 'maps')
+    model, name, _ = _load_model(args, 'maps')
     limit = args.num_images if args.num_images is not None else (8 if args.what == 'erf' else 4)
     images, crops, files = load_images(args.data, model, img_size=args.img_size, limit=limit)
     if args.what == 'erf':
@@ -404,9 +405,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                          f'{"onnx" if args.format == "onnx" else "pt"})')
     if args.format == 'folder' and out.exists() and not out.is_dir():
         raise UsageError(f'--out {out} is a file: --format folder writes a folder')
-    model, name = _load_model(args, 'outputs')
-    model_kwargs = _model_kwargs(args) if args.model else {
-        k: v for k, v in _architecture(args)[1].items() if k != 'pretrained_cfg_overlay'}
+    model, name, model_kwargs = _load_model(args, 'outputs')
     if args.format == 'onnx':
         path = export.export_onnx(model, out, img_size=args.img_size, dynamic_batch=args.dynamic_batch,
                                   opset=args.opset, optimize=not args.no_optimize)
