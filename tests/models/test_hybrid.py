@@ -73,7 +73,7 @@ def test_configurations(name):
 
 def test_registered_everywhere():
     import timm
-    assert mambazoo.list_models('hybrid*') == ['hybrid_small', 'hybrid_tiny']
+    assert mambazoo.list_models('hybrid*') == ['hybrid_nano', 'hybrid_small', 'hybrid_tiny']
     assert mambazoo.models.MambaHybrid is MambaHybrid
     assert timm.is_model('hybrid_tiny')
     assert mambazoo.create_model('hybrid_tiny', num_classes=1000).head.out_features == 1000

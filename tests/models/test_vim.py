@@ -261,7 +261,8 @@ def test_variant_settings():
 
 def test_list_models_and_timm():
     import timm
-    assert mambazoo.list_models('vim*') == sorted(OFFICIAL_NAMES.values())
+    # the official models, and our small one without weights (tests/models/test_small_variants.py)
+    assert mambazoo.list_models('vim*') == sorted([*OFFICIAL_NAMES.values(), 'vim_nano'])
     assert set(OFFICIAL_NAMES) <= set(mambazoo.list_models('vim*', include_aliases=True))
     assert mambazoo.models.VisionMamba is VisionMamba
     for name in OFFICIAL_NAMES.values():

@@ -3,7 +3,7 @@
 Not a published model: a compact baseline in the spirit of MambaVision's "Mamba first, attention last" finding
 (https://arxiv.org/abs/2407.08083), without its hierarchy. Layout:
 
-    patch embedding (16x16) + learned position embedding
+    patch embedding (16x16; 4x4 for 32 px images) + learned position embedding
     -> round(depth * mamba_ratio) Mamba blocks:  x + mixer(LayerNorm(x)), mixer = the shared ``_blocks.Mamba``
        (in_proj with a gate branch, causal depthwise conv1d, selective scan, out_proj; expand 1, d_conv 4,
        d_state 16, dt_rank ceil(dim / 16))
@@ -11,9 +11,10 @@ Not a published model: a compact baseline in the spirit of MambaVision's "Mamba 
        ``F.scaled_dot_product_attention``, MLP ratio 4, qkv bias
     -> LayerNorm, mean over tokens, linear head.
 
-Two configurations, ``hybrid_tiny`` (dim 192, depth 6, 6 heads; 1,900,618 parameters with the default 10 classes)
-and ``hybrid_small`` (dim 384, depth 8, 8 heads; 9,403,786). The default ``num_classes`` is 10 (small-data
-experiments); pass ``num_classes=1000`` for ImageNet. No pretrained weights are published.
+Three configurations, ``hybrid_tiny`` (dim 192, depth 6, 6 heads; 1,900,618 parameters with the default 10
+classes), ``hybrid_small`` (dim 384, depth 8, 8 heads; 9,403,786) and ``hybrid_nano`` (4x4 patches for 32 px images,
+dim 128, depth 6, 4 heads; 786,186). The default ``num_classes`` is 10 (small-data experiments); pass
+``num_classes=1000`` for ImageNet. No pretrained weights are published.
 """
 import math
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -206,7 +207,7 @@ class MambaHybrid(nn.Module):
         return block(x)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, in_chans, H, W) -> normalised tokens (B, H/16 * W/16, embed_dim)."""
+        """(B, in_chans, H, W) -> normalised tokens (B, H/p * W/p, embed_dim), p the patch size."""
         x, _ = self._embed(x)
         for block in self.blocks:  # not through _run_block: TorchScript takes no module as an argument
             if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -233,7 +234,7 @@ class MambaHybrid(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Block outputs as maps (B, C, H/16, W/16) ('NCHW'), 'NHWC' or tokens ('NLC'); see VisionMamba's."""
+        """Block outputs as maps (B, C, H/p, W/p) ('NCHW'), 'NHWC' or tokens ('NLC'); see VisionMamba's."""
         if output_fmt not in ('NCHW', 'NHWC', 'NLC'):
             raise ValueError(f'output_fmt must be NCHW, NHWC or NLC, got {output_fmt!r}')
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
@@ -299,6 +300,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 default_cfgs = {
     'hybrid_tiny': _cfg(),
     'hybrid_small': _cfg(),
+    'hybrid_nano': _cfg(input_size=(3, 32, 32), crop_pct=1.0, crop_mode='center', interpolation='bilinear'),
 }
 
 
@@ -320,3 +322,11 @@ def hybrid_small(pretrained: bool = False, **kwargs: Any) -> MambaHybrid:
     """Hybrid-S: dim 384, 4 Mamba + 4 attention blocks, 8 heads (9.40M params at 10 classes)."""
     args = dict(embed_dim=384, depth=8, num_heads=8, mamba_ratio=0.5, d_state=16)
     return _create_hybrid('hybrid_small', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def hybrid_nano(pretrained: bool = False, **kwargs: Any) -> MambaHybrid:
+    """Hybrid-nano: 4x4 patches of 32 px images (an 8x8 grid), dim 128, 3 Mamba + 3 attention blocks, 4 heads
+    (0.79M params at 10 classes), for training from scratch on a CPU."""
+    args = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mamba_ratio=0.5, d_state=16)
+    return _create_hybrid('hybrid_nano', pretrained, **dict(args, **kwargs))

@@ -500,9 +500,20 @@ def _cfg(hf_hub_id: str, filename: str, **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+def _untrained_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """A small configuration of ours, without weights (no hub id, url or licence), evaluated as it is trained from
+    scratch: 32 px images, no crop, bilinear, ImageNet mean/std; the last stage's map is 1x1."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 32, 32), 'pool_size': (1, 1), 'crop_pct': 1.0, 'crop_mode': 'center',
+        'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.conv_down.0', 'classifier': 'head', **kwargs,
+    }
+
+
 # One cfg per released weight file, as timm's ``name.tag``: 'in1k' trained on ImageNet-1K, 'in21k_ft_in1k'
 # pre-trained on ImageNet-21K and fine-tuned on ImageNet-1K. The 512 px models are evaluated with a 'squash' crop
-# (resize both sides to 512 / 0.93, then a center crop), as their official cfgs say.
+# (resize both sides to 512 / 0.93, then a center crop), as their official cfgs say. Our small configuration
+# (mambavision_nano) has no weights: one untagged cfg, its training input size.
 default_cfgs = generate_default_cfgs({
     'mambavision_tiny.in1k': _cfg('nvidia/MambaVision-T-1K', 'mambavision_tiny_1k.pth.tar'),
     'mambavision_tiny2.in1k': _cfg('nvidia/MambaVision-T2-1K', 'mambavision_tiny2_1k.pth.tar', crop_pct=0.98),
@@ -521,6 +532,7 @@ default_cfgs = generate_default_cfgs({
     'mambavision_large3_512_21k.in21k_ft_in1k': _cfg(
         'nvidia/MambaVision-L3-512-21K', 'mambavision_L3_21k_740m_512.pth.tar',
         input_size=(3, 512, 512), pool_size=(16, 16), crop_pct=0.93, crop_mode='squash'),
+    'mambavision_nano': _untrained_cfg(),
 })
 
 # Official entrypoint names (pip package mambavision 1.2.0) -> ours.
@@ -559,6 +571,16 @@ _B = dict(dim=128, in_dim=64, depths=[3, 3, 10, 5], num_heads=[2, 4, 8, 16], win
           mlp_ratio=4, drop_path_rate=0.3, layer_scale=1e-5)
 _L = dict(dim=196, in_dim=64, num_heads=[4, 8, 16, 32], mlp_ratio=4, layer_scale=1e-5, drop_path_rate=0.3)
 _L3 = dict(dim=256, in_dim=64, num_heads=[4, 8, 16, 32], mlp_ratio=4, layer_scale=1e-5, drop_path_rate=0.5)
+
+
+@register_model
+def mambavision_nano(pretrained: bool = False, **kwargs: Any) -> MambaVision:
+    """MambaVision-nano, ours (no weights): MambaVision-T's blocks scaled down for training from scratch on 32 px
+    images on a CPU (the README's main job, Fashion-MNIST). 2.64M params (2.38M with 10 classes); windows 2 and 1
+    are the 2x2 and 1x1 maps of stages 3 and 4 at 32 px."""
+    args = dict(_T, dim=32, in_dim=16, depths=[1, 2, 2, 2], num_heads=[2, 4, 8, 8], window_size=[8, 8, 2, 1],
+                drop_path_rate=0.05)
+    return _create_mambavision('mambavision_nano', pretrained, **dict(args, **kwargs))
 
 
 @register_model

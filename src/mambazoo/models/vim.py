@@ -564,14 +564,26 @@ def _cfg(hf_hub_id: str, filename: str, **kwargs: Any) -> Dict[str, Any]:
     }
 
 
+def _untrained_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """A small configuration of ours, without weights (no hub id, url or licence), evaluated as it is trained from
+    scratch: 32 px images, no crop, bilinear, ImageNet mean/std."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 32, 32), 'pool_size': None, 'crop_pct': 1.0, 'crop_mode': 'center',
+        'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
+    }
+
+
 # One cfg per released weight file, as timm's ``name.tag`` (all trained on ImageNet-1K; the stride-8 ones fine-tuned
 # from the stride-16 ones). Evaluated as the official main.py does: resize to 224 / 0.875, bicubic, center crop.
+# Our small configuration (vim_nano) has no weights: one untagged cfg, its training input size.
 default_cfgs = generate_default_cfgs({
     'vim_tiny.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_76p1acc.pth'),
     'vim_tiny_stride8.in1k': _cfg('hustvl/Vim-tiny-midclstok', 'vim_t_midclstok_ft_78p3acc.pth'),
     'vim_small.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_80p5acc.pth'),
     'vim_small_stride8.in1k': _cfg('hustvl/Vim-small-midclstok', 'vim_s_midclstok_ft_81p6acc.pth'),
     'vim_base.in1k': _cfg('hustvl/Vim-base-midclstok', 'vim_b_midclstok_81p9acc.pth'),
+    'vim_nano': _untrained_cfg(),
 })
 
 # Official entrypoint names (hustvl/Vim vim/models_mamba.py) -> ours.
@@ -599,6 +611,15 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vision
 _RELEASED = dict(patch_size=16, depth=24, rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                  final_pool_type='mean', if_abs_pos_embed=True, if_rope=False, if_rope_residual=False,
                  bimamba_type='v2', if_cls_token=True, if_divide_out=True, use_middle_cls_token=True)
+
+
+@register_model
+def vim_nano(pretrained: bool = False, **kwargs: Any) -> VisionMamba:
+    """Vim-nano, ours (no weights): the released block configuration, narrow and shallow, for training from scratch
+    on 32 px images on a CPU: 4x4 patches (an 8x8 grid and the middle class token at 32 px), width 96, 8 blocks.
+    0.76M params (0.66M with 10 classes)."""
+    args = dict(_RELEASED, img_size=32, patch_size=4, stride=4, embed_dim=96, depth=8, drop_path_rate=0.05)
+    return _create_vim('vim_nano', pretrained, **dict(args, **kwargs))
 
 
 @register_model

@@ -690,7 +690,18 @@ def _cfg(filename: Optional[str] = None, **kwargs: Any) -> Dict[str, Any]:
     }
 
 
-# The released v2 weights (assets/performance.md of the official repository), as timm's ``name.tag``.
+def _untrained_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """A small configuration of ours, without weights (no url or licence), evaluated as it is trained from scratch:
+    32 px images, no crop, bilinear, ImageNet mean/std; the last stage's map is 1x1."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 32, 32), 'pool_size': (1, 1), 'crop_pct': 1.0, 'crop_mode': 'center',
+        'interpolation': 'bilinear', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.0', 'classifier': 'classifier.head', **kwargs,
+    }
+
+
+# The released v2 weights (assets/performance.md of the official repository), as timm's ``name.tag``. Our small
+# configuration (vmamba_nano) has no weights: one untagged cfg, its training input size.
 default_cfgs = generate_default_cfgs({
     'vmamba_tiny.in1k': _cfg('vssm1_tiny_0230s_ckpt_epoch_264.pth'),  # [s1l8]
     'vmamba_small.in1k': _cfg('vssm_small_0229_ckpt_epoch_222.pth'),  # [s2l15]
@@ -698,6 +709,7 @@ default_cfgs = generate_default_cfgs({
     'vmamba_tiny_s2l5.in1k': _cfg('vssm_tiny_0230_ckpt_epoch_262.pth'),
     'vmamba_small_s1l20.in1k': _cfg('vssm1_small_0229s_ckpt_epoch_240.pth'),
     'vmamba_base_s1l20.in1k': _cfg('vssm1_base_0229s_ckpt_epoch_225.pth'),
+    'vmamba_nano': _untrained_cfg(),
 })
 
 # Official names -> ours: the model names of the release (MODEL.NAME in the configs), the config files, and the
@@ -740,6 +752,15 @@ _V2 = dict(patch_size=4, ssm_d_state=1, ssm_dt_rank='auto', ssm_act_layer='silu'
            ssm_drop_rate=0., ssm_init='v0', forward_type='v05_noz', mlp_ratio=4.0, mlp_act_layer='gelu',
            mlp_drop_rate=0., gmlp=False, patch_norm=True, norm_layer='ln2d', downsample_version='v3',
            patchembed_version='v2', posembed=False, imgsize=224)
+
+
+@register_model
+def vmamba_nano(pretrained: bool = False, **kwargs: Any) -> VSSM:
+    """VMamba-nano, ours (no weights): VMamba-T's v2 blocks (ssm_ratio 1, d_state 1), widths 32-256 and depths
+    [1, 1, 2, 1], for training from scratch on 32 px images on a CPU (maps of 8, 4, 2 and 1 px; other sizes, 224
+    included, work too). 1.76M params (1.51M with 10 classes)."""
+    args = dict(_V2, dims=32, depths=[1, 1, 2, 1], ssm_ratio=1.0, drop_path_rate=0.05)
+    return _create_vssm('vmamba_nano', pretrained, **dict(args, **kwargs))
 
 
 @register_model
