@@ -23,10 +23,11 @@ __all__ = ['Mamba', 'check_images']
 
 
 def check_images(x: Tensor, in_chans: int, family: str, minimum: int = 1, offset: int = 0, multiple: int = 1,
-                 multiple_name: str = '') -> None:
+                 multiple_name: str = '', dtype: Optional[torch.dtype] = None) -> None:
     """Raise a ValueError naming the problem unless ``x`` is a batch of images (B, in_chans, H, W) whose height and
     width are at least ``minimum`` and of the form ``offset + k * multiple`` (the family's size rule; the message
-    calls ``multiple`` by ``multiple_name``, e.g. 'the patch size ').
+    calls ``multiple`` by ``multiple_name``, e.g. 'the patch size '), of the model's floating ``dtype`` (that of its
+    first convolution's weight; any floating type under autocast, which casts).
 
     Tracers record no check: under FX tracing (a Proxy) it returns at once; TorchScript compiles it as is.
     """
@@ -38,6 +39,10 @@ def check_images(x: Tensor, in_chans: int, family: str, minimum: int = 1, offset
         raise ValueError(f'expected images (B, {in_chans}, H, W), got shape {shape}')
     if not x.is_floating_point():
         raise ValueError(f'expected floating-point images, got {x.dtype}: convert them (e.g. x.float() / 255)')
+    if dtype is not None and x.dtype != dtype and not torch.jit.is_scripting():
+        if not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f'{family} has {dtype} weights but the images are {x.dtype}: convert the images '
+                             f'(x.to({dtype})) or the model (model.to({x.dtype}))')
     height, width = x.shape[-2], x.shape[-1]
     if height < minimum or width < minimum or (height - offset) % multiple or (width - offset) % multiple:
         rule = (f'divisible by {multiple_name}{multiple}' if offset % multiple == 0

@@ -191,7 +191,8 @@ class MambaHybrid(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         p = self.patch_embed.patch_size[0]
-        check_images(x, self.in_chans, 'MambaHybrid', minimum=p, multiple=p, multiple_name='the patch size ')
+        check_images(x, self.in_chans, 'MambaHybrid', minimum=p, multiple=p, multiple_name='the patch size ',
+                     dtype=self.patch_embed.proj.weight.dtype)
 
     def _embed(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         self._check_input(x)

@@ -417,7 +417,7 @@ class MambaOut(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> last-stage map, channels-last (B, ceil(H/32), ceil(W/32), num_features)."""
-        check_images(x, self.in_chans, 'MambaOut')
+        check_images(x, self.in_chans, 'MambaOut', dtype=self.stem.conv1.weight.dtype)
         return self.stages(self.stem(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -448,7 +448,7 @@ class MambaOut(nn.Module):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f'output_fmt must be NCHW or NHWC, got {output_fmt!r}')
-        check_images(x, self.in_chans, 'MambaOut')
+        check_images(x, self.in_chans, 'MambaOut', dtype=self.stem.conv1.weight.dtype)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []

@@ -398,7 +398,8 @@ class MambaVision(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
-        check_images(x, self.in_chans, 'MambaVision', minimum=32, multiple=32)  # a stride-4 stem, 3 halvings
+        check_images(x, self.in_chans, 'MambaVision', minimum=32, multiple=32,  # a stride-4 stem, 3 halvings
+                     dtype=self.patch_embed.conv_down[0].weight.dtype)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, in_chans, H, W) -> normalised last-stage map (B, num_features, H/32, W/32)."""

@@ -397,7 +397,7 @@ class VisionMamba(nn.Module):
     def _check_input(self, x: Tensor) -> None:
         patch, stride = self.patch_embed.patch_size[0], self.patch_embed.stride
         check_images(x, self.in_chans, 'Vim', minimum=patch, offset=patch, multiple=stride,
-                     multiple_name='the patch size ' if patch == stride else '')
+                     multiple_name='the patch size ' if patch == stride else '', dtype=self.patch_embed.proj.weight.dtype)
 
     def _pos_embed(self, grid: Tuple[int, int]) -> Tensor:
         """The position embedding for a patch grid (resampled on the fly when it is not the training grid)."""

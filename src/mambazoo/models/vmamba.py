@@ -504,7 +504,7 @@ class VSSM(nn.Module):
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: Tensor) -> None:
-        check_images(x, self.in_chans, 'VMamba')
+        check_images(x, self.in_chans, 'VMamba', dtype=self.patch_embed[0].weight.dtype)
 
     def _stem(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -196,7 +196,7 @@ def _scan_inference(u: Tensor, delta: Tensor, A: Tensor, B_tm: Tensor, C_tm: Ten
     N = A.shape[1]
     T = min(chunk_size, length)
     # A block of time steps for the elementwise work: about 64k elements, a whole number of chunks.
-    P = min(length, max(T, (65536 // (batch * dim)) // T * T))
+    P = min(length, max(T, (65536 // max(1, batch * dim)) // T * T))
     A_log2e = A * LOG2_E
     bias = delta_bias.to(ct) if delta_bias is not None else None
     D = D.to(ct) if D is not None else None
