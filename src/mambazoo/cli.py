@@ -257,7 +257,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     if models is None:
         name, model_kwargs = _architecture(args)
         models = [name]
-        img_size = img_size or model_kwargs['pretrained_cfg_overlay']['input_size'][-1]
+        img_size = img_size or (model_kwargs['pretrained_cfg_overlay'].get('input_size') or [None])[-1]
     try:
         sweep = ','.join(map(str, DEFAULT_SWEEP)) if args.sweep == 'vim' else args.sweep
         sizes = [int(s) for s in sweep.split(',')] if sweep else [img_size or 224]

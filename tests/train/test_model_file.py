@@ -159,12 +159,18 @@ def test_vmamba_release_file_with_a_yacs_config_loads_without_trusted(tmp_path, 
     monkeypatch.setitem(sys.modules, 'yacs.config', config)
     kwargs = dict(depths=[1, 1, 1, 1], dims=16)
     model = mambazoo.create_model('vmamba_tiny', **kwargs)
-    torch.save({'model': model.state_dict(), 'config': CfgNode(MODEL=CfgNode(TYPE='vssm')), 'epoch': 299},
-               tmp_path / 'vssm1_tiny.pth')
+    release = CfgNode(MODEL=CfgNode(TYPE='vssm', NAME='vssm1_tiny_0230s', NUM_CLASSES=1000))
+    torch.save({'model': model.state_dict(), 'config': release, 'epoch': 299}, tmp_path / 'vssm1_tiny.pth')
     monkeypatch.delitem(sys.modules, 'yacs.config')  # no yacs when it is read
     monkeypatch.delitem(sys.modules, 'yacs')
     loaded = mambazoo.create_model('vmamba_tiny', checkpoint_path=tmp_path / 'vssm1_tiny.pth', **kwargs)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    # The config names the model (an official alias of ours): the file alone says what to build, with the
+    # family's published cfg (`mambazoo validate --checkpoint vssm1_tiny_....pth` needs no --model).
+    record = read_model_record(tmp_path / 'vssm1_tiny.pth')
+    assert record['name'] == 'vmamba_tiny' and record['args'] == {'num_classes': 1000} and record['release']
+    from mambazoo.models.model_file import recorded_cfg
+    assert recorded_cfg(record) == {}
 
 
 class Payload:

@@ -17,8 +17,9 @@ command then preprocesses and labels as the training run did. ``create_model(nam
 the recorded arguments as its defaults too.
 
 Also read: folders written by ``export --format folder`` (timm's hub layout: config.json with 'architecture',
-'model_args', 'pretrained_cfg', 'label_names') and checkpoints of earlier trainer versions ('arch', 'config',
-'classes' beside the weights).
+'model_args', 'pretrained_cfg', 'label_names'), checkpoints of earlier trainer versions ('arch', 'config',
+'classes' beside the weights), and official release files that name their model (VMamba's yacs config, timm's
+'arch'), which then build with their family's published cfg.
 """
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -62,7 +63,10 @@ def model_record(name: str, model_args: Mapping[str, Any], data_config: Mapping[
 
 
 def recorded_cfg(record: Mapping[str, Any]) -> Dict[str, Any]:
-    """The pretrained_cfg entries a record lays over its family's cfg (tuples where timm keeps tuples)."""
+    """The pretrained_cfg entries a record lays over its family's cfg (tuples where timm keeps tuples); none for
+    an official release file, whose family cfg is its own."""
+    if record.get('release'):
+        return {}
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in (record.get('pretrained_cfg') or {}).items()}
     return {**cfg, 'hf_hub_id': None, 'url': None, 'tag': None}  # these weights are the file's, not a release's
 
@@ -91,13 +95,32 @@ def _legacy_record(ckpt: Mapping[str, Any]) -> Dict[str, Any]:
                         classes if classes and len(classes) == ckpt.get('num_classes') else None)
 
 
+def _release_record(ckpt: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The model of an official release file, where it names one we register: VMamba's pickle their yacs config
+    (MODEL.NAME, e.g. 'vssm1_tiny_0230s', an alias of ours; MODEL.NUM_CLASSES), timm's train.py saves 'arch'."""
+    from ._builder import is_model
+    config, classes = ckpt.get('config'), None
+    if isinstance(config, Mapping) and isinstance(config.get('MODEL'), Mapping):
+        name, classes = config['MODEL'].get('NAME'), config['MODEL'].get('NUM_CLASSES')
+    else:
+        name = ckpt.get('arch')
+    if not (isinstance(name, str) and is_model(name)):
+        return None
+    args = {'num_classes': classes} if isinstance(classes, int) and not isinstance(classes, bool) else {}
+    return {'name': resolve_name(name), 'args': args, 'pretrained_cfg': {}, 'release': True}
+
+
 def _record_in(ckpt: Any, where: str) -> Optional[Dict[str, Any]]:
-    """The record held by a loaded checkpoint (None if it holds none)."""
+    """The record held by a loaded checkpoint, or made from what an earlier trainer or an official release saved
+    beside the weights (None if there is nothing to go by)."""
     if not isinstance(ckpt, Mapping):
         return None
     record = ckpt.get(RECORD_KEY)
-    if record is None and isinstance(ckpt.get('arch'), str) and isinstance(ckpt.get('config'), Mapping):
+    if record is None and isinstance(ckpt.get('arch'), str) and isinstance(ckpt.get('config'), Mapping) \
+            and 'model' in ckpt.get('config', {}):
         record = _legacy_record(ckpt)
+    if record is None:
+        record = _release_record(ckpt)
     if record is None:
         return None
     if not (isinstance(record, Mapping) and isinstance(record.get('name'), str)
