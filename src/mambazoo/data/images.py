@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 __all__ = ['ImageLoadError', 'load_image', 'to_rgb', 'model_in_chans', 'eval_data_config', 'build_eval_transform',
-           'match_channels', 'with_mode']
+           'eval_transform_of', 'match_channels', 'with_mode']
 
 
 class ImageLoadError(ValueError):
@@ -115,10 +115,14 @@ def eval_data_config(model: nn.Module, img_size: Optional[int] = None, crop_pct:
     return cfg
 
 
+def eval_transform_of(cfg: Dict[str, Any]):
+    """The evaluation transform of a data config (timm's keys): a PIL image of any mode to a normalised (C, H, W)
+    tensor with ``input_size``'s channels. The trainer's validation and every command build theirs here."""
+    from timm.data import create_transform
+    return with_mode(create_transform(**cfg, is_training=False), cfg['input_size'][0])
+
+
 def build_eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None,
                          **overrides: Any):
-    """The evaluation transform of ``eval_data_config`` (same arguments), taking a PIL image of any mode to a
-    normalised (C, H, W) tensor with the model's channels."""
-    from timm.data import create_transform
-    cfg = eval_data_config(model, img_size, crop_pct, **overrides)
-    return with_mode(create_transform(**cfg, is_training=False), cfg['input_size'][0])
+    """The evaluation transform of ``eval_data_config`` (same arguments)."""
+    return eval_transform_of(eval_data_config(model, img_size, crop_pct, **overrides))

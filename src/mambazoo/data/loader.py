@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundError, SafeImageFolder, collate_skipping_none, fake_dataset,
                        load_digits, load_fashion_mnist)
-from .images import match_channels, with_mode
+from .images import eval_transform_of, match_channels, with_mode
 
 __all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_train_transform',
            'eval_config_of', 'holdout_split']
@@ -160,9 +160,8 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
         std = tuple((model_cfg or {}).get('std', (0.229, 0.224, 0.225)))
     mean, std = match_channels(mean, std, in_chans)
     eval_config = eval_config_of(config, in_chans, mean, std, model_cfg)
-    from timm.data import create_transform
     t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
-    t_val = with_mode(create_transform(**eval_config, is_training=False), in_chans)
+    t_val = eval_transform_of(eval_config)  # what the checkpoints record and every command rebuilds
 
     val = test = eval_full = None  # val stays None where the training set must give the validation images
     if name == 'fashion_mnist':
