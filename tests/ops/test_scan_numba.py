@@ -178,22 +178,19 @@ def test_nan_propagates_like_the_reference(name, kernel_calls):
     assert torch.equal(y.isnan(), expected.isnan())
 
 
-@pytest.mark.parametrize('case', ['float64', 'fixed_B', 'mixed_groups', 'grad', 'disabled'])
+@pytest.mark.parametrize('case', ['float64', 'fixed_B', 'mixed_groups', 'disabled'])
 def test_other_scans_take_the_pytorch_path(case, kernel_calls, monkeypatch, set_policy):
-    """What the kernel does not take (float64, a fixed B, B and C with different group counts, autograd, or
-    MAMBAZOO_NUMBA=0) runs the pure-PyTorch path, with the same results."""
+    """What the kernel does not take (float64, a fixed B, B and C with different group counts, or
+    MAMBAZOO_NUMBA=0) runs the pure-PyTorch path, with the same results. (Autograd runs the compiled training
+    kernels: tests/ops/test_scan_numba_grad.py.)"""
     options = {'fixed_B': dict(b_form='fixed'), 'mixed_groups': dict(b_form=2, c_form='var')}.get(case, {})
     inputs = make_inputs(2, 8, 30, 4, seed=9, **options)
     if case != 'float64':
         inputs = cast(inputs, torch.float32)
     if case == 'disabled':
         set_policy(compiled_cpu=False)
-    if case == 'grad':
-        inputs['u'].requires_grad_()
+    with torch.no_grad():
         y = selective_scan(**inputs, delta_softplus=True)
-    else:
-        with torch.no_grad():
-            y = selective_scan(**inputs, delta_softplus=True)
     assert not kernel_calls
     assert_rel_close(y, reference(inputs, delta_softplus=True), 1e-10 if case == 'float64' else 1e-5)
 
@@ -297,7 +294,8 @@ def test_cross_kernel_without_softplus_and_optional_inputs(cross_kernel_calls):
     assert_rel_close(y, expected, 2e-6)
 
 
-def test_cross_scan_with_autograd_takes_the_pytorch_path(cross_kernel_calls):
+def test_cross_scan_with_autograd_keeps_off_the_inference_kernel(cross_kernel_calls):
+    """Under autograd the training kernels run (tests/ops/test_cross_scan_grad.py), not the inference one."""
     from mambazoo.ops import cross_selective_scan
     inputs = _cross_inputs(1, 4, 4, 16, 2, 1, seed=6)
     inputs['x'] = inputs['x'].detach().requires_grad_()

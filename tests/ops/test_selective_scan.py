@@ -263,14 +263,14 @@ def small_inputs():
     return make_inputs(2, 4, 33, 3, dtype=torch.float32, seed=23)
 
 
-def test_dispatcher_default_is_chunked(small_inputs, restore_backend, monkeypatch):
+def test_dispatcher_default_is_chunked(small_inputs, restore_backend, monkeypatch, set_policy):
     calls = []
     for name, fn in list(SCAN_BACKENDS.items()):
         monkeypatch.setitem(SCAN_BACKENDS, name, lambda *a, _n=name, _f=fn, **k: calls.append(_n) or _f(*a, **k))
     if 'MAMBAZOO_SCAN' not in os.environ:
         assert get_scan_backend() == 'auto'
     set_scan_backend('auto')
-    small_inputs['u'].requires_grad_()  # float32 inference would take the compiled loop (test_policy.py)
+    set_policy(compiled_cpu=False)  # float32 would take the compiled loops (test_policy.py)
     y = selective_scan(**small_inputs, delta_softplus=True)
     assert calls == ['chunked']
     assert torch.equal(y, selective_scan_chunked(**small_inputs, delta_softplus=True))

@@ -18,8 +18,10 @@ fast versions are tested against.
 
 ``cross_scan_time_major`` / ``cross_merge_time_major`` are the same traversals in the layout the CPU scan walks,
 and ``cross_selective_scan`` is the whole of SS2D's core (traverse, scan, merge): what VMamba calls. On a GPU it
-runs as one Triton kernel that reads the traversals in place, and so does CPU inference, as a numba-compiled
-loop; the channel-major ``cross_scan`` / ``cross_merge`` remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for porting.
+runs as one Triton kernel that reads the traversals in place, and so does float32 CPU inference and training, as
+numba-compiled loops (training's, with their backward, in ``cross_scan_grad``); the channel-major ``cross_scan`` /
+``cross_merge`` remain as public ops in the official code's layout (MzeroMiko/VMamba's ``cross_scan_fn``), for
+porting.
 """
 import functools
 from typing import Optional, Tuple
@@ -27,6 +29,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cross_scan_grad import cross_selective_scan_train
 from .policy import choose_implementation, fx_leaf_call
 from .scan_numba import run_cross_scan_kernel
 from .scan_triton import cross_selective_scan_triton
@@ -196,11 +199,13 @@ def cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, B
         dt_weight: (4, d, R).
         A: (4 * d, N); D, delta_bias: (4 * d,), direction-major, as VMamba stores them.
         B, C: (batch, H, W, 4, N) per token and direction.
-        backend: as ``selective_scan``'s (``ops.policy.choose_implementation`` decides). With the Triton backend the traversals are read in place by one fused
-            kernel (``cross_selective_scan_triton``); so they are for float32 inference on a CPU, by numba's
-            compiled loop (``scan_numba.run_cross_scan_kernel``); otherwise (autograd, float64, torch.compile)
-            they are copied time-major (``cross_scan_time_major``) and the small per-token inputs are traversed
-            before the step-size projection, which is cheaper than traversing its d-wide result.
+        backend: as ``selective_scan``'s (``ops.policy.choose_implementation`` decides). With the Triton backend
+            the traversals are read in place by one fused kernel (``cross_selective_scan_triton``); so they are for
+            float32 on a CPU, by numba's compiled loop (``scan_numba.run_cross_scan_kernel`` in inference; under
+            autograd ``cross_scan_grad.cross_selective_scan_train``, which keeps chunk-boundary states for its
+            compiled backward); otherwise (float64, torch.compile, the policy's compiled_cpu off) they are copied
+            time-major (``cross_scan_time_major``) and the small per-token inputs are traversed before the
+            step-size projection, which is cheaper than traversing its d-wide result.
     Returns:
         (batch, H, W, d): each direction's output put back on the grid, the four summed.
     """
@@ -233,10 +238,15 @@ def _cross_selective_scan(x: Tensor, dts: Tensor, dt_weight: Tensor, A: Tensor, 
     batch, height, width, d_inner = x.shape
     length = height * width
     inputs = (x, dts, dt_weight, A, B, C, D, delta_bias)
-    name = choose_implementation(inputs, backend)
+    name = choose_implementation(inputs, backend, compiled_grad=True)
     if name == 'triton':
         delta = torch.einsum('bhwkr,kdr->bhwkd', dts, dt_weight)
         return cross_selective_scan_triton(x, delta, A, B, C, D, delta_bias, delta_softplus)
+    if name == 'compiled' and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        # CPU training: the same compiled loop, keeping each direction's state at chunk starts for the compiled
+        # backward (``cross_scan_grad``)
+        return cross_selective_scan_train(x, dts, dt_weight, A, B, C, D, delta_bias, delta_softplus,
+                                          _positions(height, width))
     if name == 'compiled':
         # CPU inference: the compiled loop reads every direction's steps in place, projects their step sizes
         # and merges as it goes

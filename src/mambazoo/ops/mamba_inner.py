@@ -11,7 +11,8 @@ other tool that works on linear layers sees them); the two ops take the rest:
   summed before the gate silu(z).
 
 Each op picks its implementation in ``ops.policy.choose_implementation``: the compiled CPU loops of
-``scan_numba`` for float32 inference on a CPU (in_proj's batch-major output read in place), else plain PyTorch
+``scan_numba`` for float32 on a CPU (in_proj's batch-major output read in place; under autograd with the compiled
+backward of ``scan_numba_grad``), else plain PyTorch
 (F.conv1d; one ``selective_scan`` call on both directions, the backward one flipped in time and stacked after
 the forward one's channels), differentiable, on any device, with any scan backend.
 """
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from .policy import choose_implementation, fx_leaf_call
 from .scan_numba import check_shapes, run_mixer_conv_silu, run_mixer_scan
+from .scan_numba_grad import mixer_conv_silu_train, mixer_scan_train, needs_grad
 from .selective_scan import selective_scan
 
 __all__ = ['mamba_inner_conv', 'mamba_inner_scan', 'mamba_inner_conv_ref', 'mamba_inner_scan_ref']
@@ -74,8 +76,10 @@ def mamba_inner_conv(xz: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
 
 
 def _mamba_inner_conv(xz: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
-    if choose_implementation((xz, weight, bias), backend) == 'compiled':
+    if choose_implementation((xz, weight, bias), backend, compiled_grad=True) == 'compiled':
         _check_conv_args(xz, weight, bias)
+        if needs_grad((xz, weight, bias)):
+            return mixer_conv_silu_train(xz, weight, bias)
         return run_mixer_conv_silu(xz.float(), weight, bias).to(xz.dtype)
     return mamba_inner_conv_ref(xz, weight, bias)
 
@@ -157,10 +161,13 @@ def mamba_inner_scan(u: Tensor, deltas: List[Tensor], projections: List[Tensor],
 
 def _mamba_inner_scan(u: Tensor, deltas: List[Tensor], projections: List[Tensor], xz: Tensor, A: Tensor, D: Tensor,
                       delta_bias: Optional[Tensor], dt_rank: int, divide: bool, backend: Optional[str]) -> Tensor:
-    name = choose_implementation((u, *deltas, *projections, xz, A, D, delta_bias), backend)
+    tensors = (u, *deltas, *projections, xz, A, D, delta_bias)
+    name = choose_implementation(tensors, backend, compiled_grad=True)
     if name != 'compiled':
         return mamba_inner_scan_ref(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide, backend)
     _check_scan_args(u, deltas, projections, xz, A, D, delta_bias, dt_rank)
+    if needs_grad(tensors):
+        return mixer_scan_train(u, deltas, projections, xz, A, D, delta_bias, dt_rank, divide)
     bias = delta_bias if delta_bias is not None else D.new_zeros(D.shape)
     f32 = [t.float() for t in (u, *deltas, *projections, xz)]
     K = len(deltas)

@@ -21,7 +21,8 @@ Calls of some size split their channels (the cross scan: its batch elements, or 
 single image) between PyTorch's own OpenMP threads (see "threads" below), so the kernels use the cores PyTorch
 was told to use and no second thread pool competes with PyTorch's. Float32 only; the callers (``scan_chunked``,
 ``cross_scan``, ``models/_blocks``) keep the pure-PyTorch path for float64 and for layouts these kernels do not
-take (fixed B/C, different group counts for B and C).
+take (fixed B/C, different group counts for B and C). Training runs the scan and mixer kernels too, keeping the
+state every few steps for the compiled backward of ``scan_numba_grad``.
 """
 import ctypes
 import functools
@@ -147,12 +148,15 @@ if numba is not None:
                 acc[j] += state * c
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _scan_channels(u, delta, z, A2t, B, C, D, bias, h, y, softplus, gate, c0, c1):
+    def _scan_channels(u, delta, z, A2t, B, C, D, bias, h, y, states, softplus, gate, chunk, c0, c1):
         """The whole scan for channels [c0, c1), every batch and step.
 
         u, delta, z, y: (L, batch, dim) (z unused unless ``gate``). A2t: (N, dim) = A^T * log2(e).
         B, C: (L, batch, G, N), channel j in group j // (dim // G). D, bias: (dim,) (zeros when absent).
         h: (batch, N, dim), the state, updated in place. y = (sum_n C_n h_n + D u) * (silu(z) if gate).
+        states: None (inference), or in training (ceil(L / chunk), batch, N, dim): the state before steps 0,
+        chunk, 2 chunk ..., what ``scan_numba_grad``'s backward recomputes each chunk from.
+        Float32 from the launcher; a float64 call compiles a float64 twin (the backward's gradcheck).
         """
         length, batch, dim = u.shape
         groups, N = B.shape[2], B.shape[3]
@@ -164,13 +168,16 @@ if numba is not None:
                 continue
             width = hi - lo
             # contiguous scratch: a (N, width) slice of h would have rows of unknown stride, and not vectorise
-            state = np.empty((N, width), np.float32)
-            step = np.empty(width, np.float32)  # delta after bias and softplus
-            step_u = np.empty(width, np.float32)  # delta * u
-            acc = np.empty(width, np.float32)
+            state = np.empty((N, width), u.dtype)
+            step = np.empty(width, u.dtype)  # delta after bias and softplus
+            step_u = np.empty(width, u.dtype)  # delta * u
+            acc = np.empty(width, u.dtype)
             for i in range(batch):
                 state[:] = h[i, :, lo:hi]
                 for t in range(length):
+                    if states is not None:  # training (numba drops the branch in inference's specialisation)
+                        if t % chunk == 0:
+                            states[t // chunk, i, :, lo:hi] = state
                     _step(state, A2t, lo, u[t, i, lo:hi], delta[t, i, lo:hi], bias[lo:hi], D[lo:hi],
                           B[t, i, g], C[t, i, g], step, step_u, acc, softplus)
                     y_t = y[t, i, lo:hi]
@@ -256,7 +263,8 @@ if numba is not None:
                         o[j] = _silu(o[j])
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _mixer_scan_channels(u, delta_f, delta_b, proj_f, proj_b, xz, A2t, D, bias, y, rank, divide, c0, c1):
+    def _mixer_scan_channels(u, delta_f, delta_b, proj_f, proj_b, xz, A2t, D, bias, y, states, rank, divide, chunk,
+                             c0, c1):
         """The Mamba mixer's selective scan, batch-major, for channels [c0, c1) of y: with a backward branch
         (u has 2 d channels), Vim's two directions summed before the gate.
 
@@ -265,20 +273,25 @@ if numba is not None:
         and [rank + N, rank + 2N); xz: (batch, L, 2 d), z its last d channels. A2t: (N, K d) = A^T * log2(e);
         D, bias: (K d,). The backward branch scans the steps from the last to the first (the time-reversed
         sequence, read in place). y = (y_forward + y_backward) * silu(z), halved if ``divide``.
+        states: None (inference), or in training (ceil(L / chunk), batch, N, K d): each branch's state before its
+        steps 0, chunk, 2 chunk ... in its own order (the backward branch's step s is token L - 1 - s).
         """
         batch, length, d = y.shape
         N = A2t.shape[0]
         backward = u.shape[2] > d
         scale = np.float32(0.5) if divide and backward else np.float32(1.0)
         width = c1 - c0
-        state = np.empty((N, width), np.float32)
-        step = np.empty(width, np.float32)
-        step_u = np.empty(width, np.float32)
-        acc = np.empty(width, np.float32)
+        state = np.empty((N, width), u.dtype)
+        step = np.empty(width, u.dtype)
+        step_u = np.empty(width, u.dtype)
+        acc = np.empty(width, u.dtype)
         b_lo, c_lo = rank, rank + N
         for i in range(batch):
             state[:] = 0
             for t in range(length):
+                if states is not None:
+                    if t % chunk == 0:
+                        states[t // chunk, i, :, c0:c1] = state
                 _step(state, A2t, c0, u[i, t, c0:c1], delta_f[i, t, c0:c1], bias[c0:c1], D[c0:c1],
                       proj_f[i, t, b_lo:b_lo + N], proj_f[i, t, c_lo:c_lo + N], step, step_u, acc, True)
                 y_t = y[i, t, c0:c1]
@@ -294,6 +307,9 @@ if numba is not None:
             state[:] = 0
             lo = d + c0  # the backward branch's channels in u, A2t, D, bias
             for t in range(length - 1, -1, -1):
+                if states is not None:
+                    if (length - 1 - t) % chunk == 0:
+                        states[(length - 1 - t) // chunk, i, :, lo:lo + width] = state
                 _step(state, A2t, lo, u[i, t, lo:lo + width], delta_b[i, t, c0:c1], bias[lo:lo + width],
                       D[lo:lo + width], proj_b[i, t, b_lo:b_lo + N], proj_b[i, t, c_lo:c_lo + N], step, step_u,
                       acc, True)
@@ -355,9 +371,14 @@ def scan_kernel_takes(B: Tensor, C: Tensor) -> bool:
 def selective_scan_compiled(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
                             z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
                             delta_softplus: bool = False, return_last_state: bool = False):
-    """``selective_scan`` by the compiled loop: float32 inference on a CPU, B and C per step
-    (``scan_kernel_takes``). Same arguments and results as ``selective_scan_ref``; y comes back stored time-major
-    when u is (the Mamba mixer's and VMamba's inputs), else in u's layout."""
+    """``selective_scan`` by the compiled loop: float32 on a CPU, B and C per step (``scan_kernel_takes``). Same
+    arguments and results as ``selective_scan_ref``; y comes back stored time-major when u is (the Mamba mixer's
+    and VMamba's inputs), else in u's layout. Under autograd, the training variant of ``scan_numba_grad`` (which
+    keeps chunk-start states for its compiled backward); inference keeps nothing."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        from .scan_numba_grad import selective_scan_train  # it imports this module
+        return selective_scan_train(*inputs, delta_softplus, return_last_state)
     check_scan_args(u, delta, A, B, C, D, z, delta_bias)
     if not scan_kernel_takes(B, C):
         raise ValueError('selective_scan_compiled: B and C must be per step with the same number of groups')
@@ -558,8 +579,8 @@ if numba is not None:
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
             _scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f2(data, 17), _f4(data, 20), _f4(data, 25),
-                           _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), data[3] != 0, data[4] != 0,
-                           c0, c1)
+                           _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), None, data[3] != 0,
+                           data[4] != 0, 0, c0, c1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _cross_task(data):
@@ -590,8 +611,8 @@ if numba is not None:
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
             _mixer_scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f3(data, 17), _f3(data, 21),
-                                 _f3(data, 25), _f2(data, 29), _f1(data, 32), _f1(data, 34), _f3(data, 36), data[3],
-                                 data[4] != 0, c0, c1)
+                                 _f3(data, 25), _f2(data, 29), _f1(data, 32), _f1(data, 34), _f3(data, 36),
+                                 None, data[3], data[4] != 0, 0, c0, c1)
 
     _TASKS = {'scan': _scan_task, 'cross': _cross_task, 'conv': _conv_task, 'mixer': _mixer_task}
 

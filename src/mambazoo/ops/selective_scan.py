@@ -3,7 +3,8 @@
 Implementations (``ops.policy.choose_implementation`` picks one per call, by device, dtype, grad mode, tracing and
 the policy):
     "chunked"  pure PyTorch, fast on CPU, any device, differentiable (``scan_chunked``); the default.
-    "compiled" float32 CPU inference by a numba-compiled loop (``scan_numba``), where "chunked" would run.
+    "compiled" float32 on a CPU by numba-compiled loops (``scan_numba``; under autograd with the compiled backward
+               of ``scan_numba_grad``), where "chunked" would run.
     "ref"      the sequential definition (``scan_reference``); slow, for tests.
     "parallel" a log-depth associative scan without a loop over time (``scan_parallel``); what "auto" picks
                while a model is exported or traced (ONNX, torch.jit tracing, torch.export).
@@ -84,7 +85,8 @@ def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, ba
 
 
 def _dispatch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
-    name = choose_implementation((u, delta, A, B, C, D, z, delta_bias), backend, scan_kernel_takes(B, C))
+    name = choose_implementation((u, delta, A, B, C, D, z, delta_bias), backend, scan_kernel_takes(B, C),
+                                 compiled_grad=True)
     return implementation_function(name)(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                          delta_softplus=delta_softplus, return_last_state=return_last_state)
 
