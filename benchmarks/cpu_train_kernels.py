@@ -11,7 +11,10 @@ cotangent per call:
   (in_proj to out_proj, the GEMMs included);
 * the hybrid-T mixer scan (d 192, one branch);
 * MambaVision-T's stage-3 and stage-4 ``selective_scan`` (dim 160 / 320, N 8, no gate, delta_bias, B and C
-  (batch, N, L) views of x_proj's output, u batch-major as the mixer's conv1d writes it).
+  (batch, N, L) views of x_proj's output, u batch-major as the mixer's conv1d writes it);
+* VMamba-T's ``cross_selective_scan`` (``cross_scan_grad``) at its four stage shapes for a 224-px input, read from
+  ``vmamba_tiny`` on the meta device (map side, d_inner, dt_rank, d_state), the inputs as SS2D passes them (x a
+  channels-last view of a channels-first map; dts, B and C views of one x_proj output; softplus on).
 
 Medians of ``--repeats`` calls after warm-up; ratio = PyTorch path / compiled (higher is better). The thread count
 is ``torch.set_num_threads`` (both paths; the compiled kernels split calls above ``MIN_PARALLEL_WORK`` between
@@ -21,26 +24,18 @@ PyTorch's OpenMP threads).
 """
 import argparse
 import os
-import platform
 from typing import Callable, List, Tuple
 
 import torch
 
 import mambazoo
 from cpu_compile import median_ms  # this folder is on sys.path when the script runs
+from mambazoo.analysis.roofline import cpu_model
 from mambazoo.models._blocks import Mamba
-from mambazoo.ops import mamba_inner_conv, mamba_inner_scan, scan_policy, selective_scan
+from mambazoo.ops import (cross_selective_scan, mamba_inner_conv, mamba_inner_scan, scan_policy,
+                          selective_scan)
 
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
+IMAGE_SIZE = 224  # VMamba-T's stage shapes are taken at this input size
 
 
 def fwd_bwd(fn: Callable[[], torch.Tensor], leaves: List[torch.Tensor]) -> Callable[[], None]:
@@ -103,6 +98,40 @@ def selective_scan_case(batch, dim, length, n, rank):
     return fwd_bwd(call, [u, delta, x_dbl, A, D, bias])
 
 
+def stage_shapes(name: str = 'vmamba_tiny') -> List[Tuple[int, int, int, int]]:
+    """(map side, d_inner, dt_rank, d_state) of each stage's SS2D at IMAGE_SIZE."""
+    with torch.device('meta'):
+        model = mambazoo.create_model(name)
+    return [(IMAGE_SIZE // info['reduction'], layer.blocks[0].op.d_inner, layer.blocks[0].op.dt_rank,
+             layer.blocks[0].op.d_state) for info, layer in zip(model.feature_info, model.layers)]
+
+
+def cross_scan_case(batch: int, side: int, d: int, rank: int, n: int) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).requires_grad_()
+
+    x = leaf(batch, d, side, side)  # channels-first, as SS2D's conv writes it
+    x_dbl = leaf(batch, side, side, 4, rank + 2 * n)
+    dt_weight = leaf(4, d, rank, scale=rank ** -0.5)
+    A = (-torch.exp(torch.randn(4 * d, n, generator=g) * 0.5)).requires_grad_()
+    D, delta_bias = leaf(4 * d), leaf(4 * d, scale=0.5)
+    leaves = [x, x_dbl, dt_weight, A, D, delta_bias]
+
+    def call():
+        dts, B, C = torch.split(x_dbl, [rank, n, n], dim=-1)
+        return cross_selective_scan(x.permute(0, 2, 3, 1), dts, dt_weight, A, B, C, D, delta_bias=delta_bias,
+                                    delta_softplus=True)
+
+    with torch.no_grad():
+        cotangent = torch.randn(call().shape, generator=g)
+
+    def run():
+        torch.autograd.grad(call(), leaves, cotangent)
+    return run
+
+
 def cases_for(batch: int) -> List[Tuple[str, Callable[[], Callable[[], None]]]]:
     return [
         (f'Vim-T mixer conv1d+SiLU, b{batch}', lambda: mixer_conv_case(batch, 197, 384, 16, 12, 2)),
@@ -111,7 +140,9 @@ def cases_for(batch: int) -> List[Tuple[str, Callable[[], Callable[[], None]]]]:
         (f'hybrid-T mixer scan (1 branch), b{batch}', lambda: mixer_scan_case(batch, 196, 192, 16, 12, 1)),
         (f'MambaVision-T stage-3 scan, b{batch}', lambda: selective_scan_case(batch, 160, 196, 8, 20)),
         (f'MambaVision-T stage-4 scan, b{batch}', lambda: selective_scan_case(batch, 320, 49, 8, 40)),
-    ]
+    ] + [(f'VMamba-T stage {stage} cross scan ({side}x{side}, d {d}, R {rank}, N {n}), b{batch}',
+          lambda side=side, d=d, rank=rank, n=n: cross_scan_case(batch, side, d, rank, n))
+         for stage, (side, d, rank, n) in enumerate(stage_shapes(), start=1)]
 
 
 def main() -> None:
@@ -122,7 +153,7 @@ def main() -> None:
     parser.add_argument('--match', metavar='TEXT', help='only the rows whose name contains TEXT')
     args = parser.parse_args()
     print(f'# {cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, mambazoo {mambazoo.__version__}; '
-          f'float32 forward + backward, medians of {args.repeats}')
+          f'float32 forward + backward, medians of {args.repeats}, load average {os.getloadavg()[0]:.2f}')
     print()
     header = ' | '.join(f'compiled ms, {t}T | PyTorch ms, {t}T | ratio, {t}T' for t in args.threads)
     print(f'| call | {header} |')
