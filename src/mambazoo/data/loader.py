@@ -30,10 +30,19 @@ def derive_seed(*parts: int) -> int:
     return seed
 
 
-def seed_all(seed: int) -> None:
+def seed_all(seed: int, devices: bool = True) -> None:
+    """Seed Python's, NumPy's and torch's generators; ``devices=False`` seeds torch's CPU generator only.
+
+    Why the CPU-only form for per-sample seeding: ``torch.manual_seed`` also seeds every accelerator backend, and
+    where one is not initialised it queues that call with a formatted stack trace (for its error message), three
+    backends per call: about 0.4 ms, which per training image cost the Fashion-MNIST recipe a fifth of its
+    throughput. The CPU generator ends in the same state either way (the transforms run on the CPU)."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    if devices:
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
 
 
 class SeededDataset(Dataset):
@@ -49,7 +58,7 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        seed_all(derive_seed(self.seed, self.epoch, index))
+        seed_all(derive_seed(self.seed, self.epoch, index), devices=False)
         return self.dataset[index]
 
 
