@@ -5,9 +5,9 @@ Why: under autograd ``cross_selective_scan`` used to take the pure-PyTorch path 
 scan, whose backward is a PyTorch loop over time steps), which made VMamba-T train 2x slower than a Swin-T on a
 CPU. Here both passes are numba loops in ``scan_numba``'s layout and thread machinery:
 
-* forward (``_cross_train_channels``): ``scan_numba._cross_scan_channels``' loop (the directions read in place,
-  delta projected per step, outputs summed at their tokens), which also stores each direction's state at the
-  start of every chunk of T steps, T <= ``CHUNK_STEPS``: a (batch * K, L / T, N, d) tensor, nothing of size
+* forward: ``scan_numba._cross_scan_channels``, the inference loop (the directions read in place, delta
+  projected per step, outputs summed at their tokens), given a ``states`` array: it then also stores each
+  direction's state at the start of every chunk of T steps, T <= ``CHUNK_STEPS``: a (batch * K, L / T, N, d) tensor, nothing of size
   (batch, d, L, N);
 * backward (``_cross_grad_channels``): per batch element and direction, the chunks from the last to the first;
   a chunk's states are recomputed from its first state into (T + 1, N, width) scratch (with the decays
@@ -97,19 +97,8 @@ if numba_importable():
     import numba
     from numba.core import types as numba_types
 
-    from .scan_numba import _exp2, _f1, _f2, _f3, _f4, _fetch_add, _i2, _softplus, _step, _task_bounds
-
-    @numba.njit(inline='always', fastmath={'contract'}, error_model='numpy')
-    def _project(delta, row, w_k, c0, c1):
-        """delta = row[:R] @ w_k[:, c0:c1]: the step sizes of channels [c0, c1) before bias and softplus, from the
-        R low-rank inputs (w_k: (R, d), one direction's projection transposed)."""
-        w_0, r_0 = w_k[0, c0:c1], row[0]
-        for j in range(delta.shape[0]):
-            delta[j] = r_0 * w_0[j]
-        for r in range(1, w_k.shape[0]):
-            w_r, r_r = w_k[r, c0:c1], row[r]
-            for j in range(delta.shape[0]):
-                delta[j] += r_r * w_r[j]
+    from .scan_numba import (_cross_scan_channels, _cross_task_ranges, _exp2, _f1, _f2, _f3, _f4, _i2, _project,
+                             _softplus)
 
     @numba.njit(fastmath={'contract', 'reassoc'}, error_model='numpy')
     def _sum(a):
@@ -129,44 +118,9 @@ if numba_importable():
         return acc
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _cross_train_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, states, softplus, c0, c1, i0, i1, k0,
-                              k1):
-        """``scan_numba._cross_scan_channels`` (same arguments, same arithmetic) that also stores each direction's
-        state at the start of every chunk: states[i K + k, c, :, c0:c1] = the state before step c T of direction k
-        of batch element i, with T = ceil(L / chunks).
-        """
-        batch, length, dim = x.shape
-        K, R = dt_wt.shape[0], dt_wt.shape[1]
-        N = A2t.shape[0]
-        chunks = states.shape[1]
-        T = (length + chunks - 1) // chunks
-        width = c1 - c0
-        state = np.empty((N, width), x.dtype)
-        delta = np.empty(width, x.dtype)
-        step = np.empty(width, x.dtype)
-        step_u = np.empty(width, x.dtype)
-        acc = np.empty(width, x.dtype)
-        for i in range(i0, i1):
-            for k in range(k0, k1):
-                state[:] = 0
-                lo = k * dim + c0
-                saved = states[i * K + k]
-                for c in range(chunks):
-                    saved[c, :, c0:c1] = state
-                    for t in range(c * T, min(length, (c + 1) * T)):
-                        p = positions[k, t]
-                        row = dbl[i, p, k]
-                        _project(delta, row, dt_wt[k], c0, c1)
-                        _step(state, A2t, lo, x[i, p, c0:c1], delta, bias[lo:lo + width], D[lo:lo + width],
-                              row[R:R + N], row[R + N:R + 2 * N], step, step_u, acc, softplus)
-                        out_p = out[i, p, c0:c1]
-                        for j in range(width):
-                            out_p[j] += acc[j]
-
-    @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
     def _cross_grad_channels(x, dbl, dt_wt, A2t, At, D, bias, positions, states, dout, dx, ddbl, dA, dDb, dWt,
                              softplus, c0, c1, i0, i1, k0, k1):
-        """The backward of ``_cross_train_channels`` for channels [c0, c1), batch elements [i0, i1), directions
+        """The backward of ``scan_numba._cross_scan_channels`` (with states) for channels [c0, c1), batch elements [i0, i1), directions
         [k0, k1); every gradient is added into its array.
 
         dout: (batch, L, d) the output's gradient. dx: (batch, L, d), the sum over directions at each token.
@@ -276,29 +230,16 @@ if numba_importable():
                         for j in range(width):
                             dx_p[j] += du[j]
 
-    @numba.njit(inline='always')
-    def _task_ranges(data, batch, K, dim):
-        """This task's (c0, c1, i0, i1, k0, k1, part): its range by the split in data[4] (as ``_cross_task``'s)."""
-        ticket = _fetch_add(data, 1)
-        c0, c1, i0, i1, k0, k1 = 0, dim, 0, batch, 0, K
-        if data[4] == CROSS_BY_BATCH:
-            i0, i1 = _task_bounds(ticket, data[1], data[2], 1)
-        elif data[4] == CROSS_BY_DIRECTION:
-            k0, k1 = _task_bounds(ticket, data[1], data[2], 1)
-        else:
-            c0, c1 = _task_bounds(ticket, data[1], data[2], 16)
-        return c0, c1, i0, i1, k0, k1, ticket
-
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _cross_train_task(data):
         """Split by directions, task p adds into outs[p]."""
         o = _TRAIN_AT
         x, dt_wt, outs = _f3(data, o[0]), _f3(data, o[2]), _f4(data, o[7])
-        c0, c1, i0, i1, k0, k1, part = _task_ranges(data, x.shape[0], dt_wt.shape[0], x.shape[2])
+        c0, c1, i0, i1, k0, k1, part = _cross_task_ranges(data, x.shape[0], dt_wt.shape[0], x.shape[2])
         if c0 < c1 and i0 < i1 and k0 < k1:
-            _cross_train_channels(x, _f4(data, o[1]), dt_wt, _f2(data, o[3]), _f1(data, o[4]), _f1(data, o[5]),
-                                  _i2(data, o[6]), outs[part if data[4] == CROSS_BY_DIRECTION else 0],
-                                  _f4(data, o[8]), data[3] != 0, c0, c1, i0, i1, k0, k1)
+            _cross_scan_channels(x, _f4(data, o[1]), dt_wt, _f2(data, o[3]), _f1(data, o[4]), _f1(data, o[5]),
+                                 _i2(data, o[6]), outs[part if data[4] == CROSS_BY_DIRECTION else 0],
+                                 _f4(data, o[8]), data[3] != 0, c0, c1, i0, i1, k0, k1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _cross_grad_task(data):
@@ -307,7 +248,7 @@ if numba_importable():
         o = _GRAD_AT
         x, dt_wt = _f3(data, o[0]), _f3(data, o[2])
         batch = x.shape[0]
-        c0, c1, i0, i1, k0, k1, part = _task_ranges(data, batch, dt_wt.shape[0], x.shape[2])
+        c0, c1, i0, i1, k0, k1, part = _cross_task_ranges(data, batch, dt_wt.shape[0], x.shape[2])
         if c0 < c1 and i0 < i1 and k0 < k1:
             x_part = part if data[4] == CROSS_BY_DIRECTION else 0
             row_part = part if data[4] == CROSS_BY_CHANNELS else 0
@@ -385,7 +326,7 @@ class _CrossSelectiveScanTrain(torch.autograd.Function):
         outs = xs.new_zeros(parts, batch, length, dim)
         states = xs.new_empty(batch * K, chunks, N, dim)
         arrays = [xs, ops['dbl'], dt_wt, A2t, ops['D'], ops['bias'], ops['positions'], outs, states]
-        _run('cross_train', _cross_train_channels, arrays, arrays[:7] + [outs[0], states], delta_softplus, split)
+        _run('cross_train', _cross_scan_channels, arrays, arrays[:7] + [outs[0], states], delta_softplus, split)
         ctx.save_for_backward(xs, ops['dbl'], dt_wt, A2t, ops['At'], ops['D'], ops['bias'], ops['positions'], states)
         ctx.softplus = delta_softplus
         ctx.inputs = [(t.shape, t.dtype) if t is not None else None

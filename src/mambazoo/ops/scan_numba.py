@@ -190,8 +190,21 @@ if numba is not None:
                             y_t[j] = acc[j]
                 h[i, :, lo:hi] = state
 
+    @numba.njit(inline='always', fastmath={'contract'}, error_model='numpy')
+    def _project(delta, row, w_k, c0, c1):
+        """delta = row[:R] @ w_k[:, c0:c1]: the step sizes of channels [c0, c1) before bias and softplus, from the
+        R low-rank inputs (w_k: (R, d), one direction's projection transposed)."""
+        w_0, r_0 = w_k[0, c0:c1], row[0]
+        for j in range(delta.shape[0]):
+            delta[j] = r_0 * w_0[j]
+        for r in range(1, w_k.shape[0]):
+            w_r, r_r = w_k[r, c0:c1], row[r]
+            for j in range(delta.shape[0]):
+                delta[j] += r_r * w_r[j]
+
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _cross_scan_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, softplus, c0, c1, i0, i1, k0, k1):
+    def _cross_scan_channels(x, dbl, dt_wt, A2t, D, bias, positions, out, states, softplus, c0, c1, i0, i1, k0,
+                             k1):
         """VMamba's four-direction scan for channels [c0, c1) of every direction, merged on the grid.
 
         x, out: (batch, L, d) row-major tokens; every direction reads x, and out (zeros on entry) receives the
@@ -201,30 +214,33 @@ if numba is not None:
         being read from a (batch, L, K, d) tensor made before (memory-bound at VMamba's first stage).
         positions: (K, L), the token of each direction's step. A2t: (N, K*d) = A^T * log2(e); D, bias: (K*d,),
         direction-major. The states start at zero. Batch elements [i0, i1) and directions [k0, k1) only.
+        states: None (inference), or in training (batch * K, chunks, N, d): states[i K + k, c, :, c0:c1] =
+        direction k's state before step c T of batch element i, T = ceil(L / chunks), what ``cross_scan_grad``'s
+        backward recomputes each chunk from. Float32 from the launcher; a float64 call compiles a float64 twin.
         """
         batch, length, dim = x.shape
         K, R = dt_wt.shape[0], dt_wt.shape[1]
         N = A2t.shape[0]
+        T = 1
+        if states is not None:  # training (numba drops the branch in inference's specialisation)
+            T = (length + states.shape[1] - 1) // states.shape[1]
         width = c1 - c0
-        state = np.empty((N, width), np.float32)
-        delta = np.empty(width, np.float32)
-        step = np.empty(width, np.float32)
-        step_u = np.empty(width, np.float32)
-        acc = np.empty(width, np.float32)
+        state = np.empty((N, width), x.dtype)
+        delta = np.empty(width, x.dtype)
+        step = np.empty(width, x.dtype)
+        step_u = np.empty(width, x.dtype)
+        acc = np.empty(width, x.dtype)
         for i in range(i0, i1):
             for k in range(k0, k1):
                 state[:] = 0
                 lo = k * dim + c0  # this direction's channels in A2t, D, bias
                 for t in range(length):
+                    if states is not None:
+                        if t % T == 0:
+                            states[i * K + k, t // T, :, c0:c1] = state
                     p = positions[k, t]
                     row = dbl[i, p, k]
-                    w_0, r_0 = dt_wt[k, 0, c0:c1], row[0]
-                    for j in range(width):
-                        delta[j] = r_0 * w_0[j]
-                    for r in range(1, R):
-                        w_r, r_r = dt_wt[k, r, c0:c1], row[r]
-                        for j in range(width):
-                            delta[j] += r_r * w_r[j]
+                    _project(delta, row, dt_wt[k], c0, c1)
                     _step(state, A2t, lo, x[i, p, c0:c1], delta, bias[lo:lo + width], D[lo:lo + width],
                           row[R:R + N], row[R + N:R + 2 * N], step, step_u, acc, softplus)
                     out_p = out[i, p, c0:c1]
@@ -582,23 +598,30 @@ if numba is not None:
                            _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), None, data[3] != 0,
                            data[4] != 0, 0, c0, c1)
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
-    def _cross_task(data):
-        """data[4] says how the work is split: CROSS_BY_CHANNELS, CROSS_BY_BATCH or CROSS_BY_DIRECTION; split
-        by directions, task p adds into its own output, outs[p] (directions meet at every token)."""
-        x, dt_wt, outs = _f3(data, 5), _f3(data, 14), _f4(data, 28)
+    @numba.njit(inline='always')
+    def _cross_task_ranges(data, batch, K, dim):
+        """This cross-scan task's (c0, c1, i0, i1, k0, k1, ticket): its range by the split in data[4]
+        (CROSS_BY_CHANNELS, CROSS_BY_BATCH or CROSS_BY_DIRECTION) and its task number, which indexes the outputs
+        it has of its own. The training kernels (``cross_scan_grad``) split the same way."""
         ticket = _fetch_add(data, 1)
-        c0, c1, i0, i1, k0, k1, part = 0, x.shape[2], 0, x.shape[0], 0, dt_wt.shape[0], 0
+        c0, c1, i0, i1, k0, k1 = 0, dim, 0, batch, 0, K
         if data[4] == CROSS_BY_BATCH:
             i0, i1 = _task_bounds(ticket, data[1], data[2], 1)
         elif data[4] == CROSS_BY_DIRECTION:
             k0, k1 = _task_bounds(ticket, data[1], data[2], 1)
-            part = ticket
         else:
             c0, c1 = _task_bounds(ticket, data[1], data[2], 16)
+        return c0, c1, i0, i1, k0, k1, ticket
+
+    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    def _cross_task(data):
+        """Split by directions, task p adds into its own output, outs[p] (directions meet at every token)."""
+        x, dt_wt, outs = _f3(data, 5), _f3(data, 14), _f4(data, 28)
+        c0, c1, i0, i1, k0, k1, ticket = _cross_task_ranges(data, x.shape[0], dt_wt.shape[0], x.shape[2])
         if c0 < c1 and i0 < i1 and k0 < k1:
-            _cross_scan_channels(x, _f4(data, 9), dt_wt, _f2(data, 18), _f1(data, 21), _f1(data, 23),
-                                 _i2(data, 25), outs[part], data[3] != 0, c0, c1, i0, i1, k0, k1)
+            _cross_scan_channels(x, _f4(data, 9), dt_wt, _f2(data, 18), _f1(data, 21), _f1(data, 23), _i2(data, 25),
+                                 outs[ticket if data[4] == CROSS_BY_DIRECTION else 0], None, data[3] != 0,
+                                 c0, c1, i0, i1, k0, k1)
 
     @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
     def _conv_task(data):
