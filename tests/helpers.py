@@ -31,6 +31,15 @@ TINY_MAMBAVISION_YAML = '{dim: 8, in_dim: 4, depths: [1,1,2,2], num_heads: [1,1,
 # `--set` overrides that train it on 32 px images in one quiet thread.
 TINY_TRAIN_SETS = [f'model.kwargs={TINY_MAMBAVISION_YAML}', 'data.img_size=32', 'data.batch_size=8',
                    'train.progress=false', 'train.tensorboard=false', 'train.plots=false', 'train.threads=1']
+# The detection/segmentation trainer's tiny settings: a small MambaVision backbone, digits pasted on 64 px canvases.
+TINY_DOWNSTREAM_SETS = [
+    'model.kwargs={dim: 16, in_dim: 8, depths: [1, 1, 1, 1], num_heads: [1, 2, 2, 2], window_size: [8, 8, 4, 2]}',
+    'data.batch_size=4', 'data.eval_batch_size=8', 'train.threads=1', 'train.progress=false',
+    'downstream.source=digits', 'downstream.canvas_size=64', 'downstream.item_size=[16, 32]',
+    'downstream.anchor_sizes=[8, 16, 32, 64, 128]', 'downstream.fpn_channels=16', 'downstream.box_head_dim=32',
+    'downstream.mask_head_dim=8', 'downstream.seg_head_channels=16', 'downstream.train_size=200',
+    'downstream.val_size=8',
+]
 
 
 # ------------------------------------------------------------------------------------------ golden fixtures

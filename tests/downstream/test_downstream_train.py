@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from helpers import TINY_DOWNSTREAM_SETS
 from mambazoo.cli import main as cli_main
 from mambazoo.downstream import build_composed_datasets, collate_detection
 from mambazoo.downstream import train as downstream_train
@@ -13,14 +14,7 @@ from mambazoo.downstream.train import train_downstream
 from mambazoo.train import load_config
 from mambazoo.train.checkpoint import load_training_state
 
-TINY = [
-    'model.kwargs={dim: 16, in_dim: 8, depths: [1, 1, 1, 1], num_heads: [1, 2, 2, 2], window_size: [8, 8, 4, 2]}',
-    'data.batch_size=4', 'data.eval_batch_size=8', 'train.threads=1', 'train.progress=false',
-    'downstream.source=digits', 'downstream.canvas_size=64', 'downstream.item_size=[16, 32]',
-    'downstream.anchor_sizes=[8, 16, 32, 64, 128]', 'downstream.fpn_channels=16', 'downstream.box_head_dim=32',
-    'downstream.mask_head_dim=8', 'downstream.seg_head_channels=16', 'downstream.train_size=200',
-    'downstream.val_size=8', 'downstream.warmup_steps=2', 'optim.lr=0.002', 'sched.warmup_lr=0.0001',
-]
+TINY = [*TINY_DOWNSTREAM_SETS, 'downstream.warmup_steps=2', 'optim.lr=0.002', 'sched.warmup_lr=0.0001']
 
 
 def _config(tmp_path, task, *overrides):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import PROJECT_ROOT, TINY_TRAIN_SETS, run_cli
+from helpers import PROJECT_ROOT, TINY_DOWNSTREAM_SETS, TINY_TRAIN_SETS, run_cli
 from mambazoo.cli import main
 from mambazoo.data import build_data
 from mambazoo.data.datasets import load_digits
@@ -29,15 +29,7 @@ from mambazoo.train.checkpoint import (CheckpointSaveError, RunDirError, load_tr
 DIGITS_SETS = [*TINY_TRAIN_SETS, 'data.name=digits', 'train.max_steps_per_epoch=2', 'sched.epochs=1']
 DIGITS_TRAIN, DIGITS_TEST = 1438, 359  # load_digits' deterministic 80/20 split of the 1,797 images
 
-# The downstream trainer's tiny settings (as tests/downstream/test_downstream_train.py): digits on 64 px canvases.
-DOWNSTREAM_SETS = [
-    'model.kwargs={dim: 16, in_dim: 8, depths: [1, 1, 1, 1], num_heads: [1, 2, 2, 2], window_size: [8, 8, 4, 2]}',
-    'data.batch_size=4', 'data.eval_batch_size=8', 'train.threads=1', 'train.progress=false',
-    'downstream.source=digits', 'downstream.canvas_size=64', 'downstream.item_size=[16, 32]',
-    'downstream.anchor_sizes=[8, 16, 32, 64, 128]', 'downstream.fpn_channels=16', 'downstream.box_head_dim=32',
-    'downstream.mask_head_dim=8', 'downstream.seg_head_channels=16', 'downstream.train_size=200',
-    'downstream.val_size=8', 'downstream.steps=2', 'downstream.eval_interval=2', 'train.tensorboard=false',
-]
+DOWNSTREAM_SETS = [*TINY_DOWNSTREAM_SETS, 'downstream.steps=2', 'downstream.eval_interval=2', 'train.tensorboard=false']
 
 DiskUsage = namedtuple('DiskUsage', 'total used free')
 DISK_FULL_ERROR = '[enforce fail at inline_container.cc:672] . unexpected pos'
