@@ -6,6 +6,7 @@ reseeds Python's, NumPy's and torch's generators before its transform). So a run
 sees the very batches, with the very augmentations, that the uninterrupted run saw, whatever the number of
 loader workers.
 """
+import copy
 import random
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -148,6 +149,16 @@ def holdout_split(size: int, holdout: Union[int, str, None], seed: int) -> Tuple
     return sorted(order[count:]), sorted(order[:count])
 
 
+def _evaluation_view(dataset: Dataset, transform) -> Dataset:
+    """The same images under the evaluation transform: a shallow copy (nothing read or listed again); an image
+    folder's view leaves unreadable images out instead of substituting them, as evaluation does."""
+    view = copy.copy(dataset)
+    view.transform = transform
+    if isinstance(view, SafeImageFolder):
+        view.substitute = False
+    return view
+
+
 def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = None) -> DataBundle:
     """The training, validation and (where there is one) test sets named by ``config['data']``, with transforms.
 
@@ -172,19 +183,17 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
     t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
     t_val = eval_transform_of(eval_config)  # what the checkpoints record and every command rebuilds
 
-    val = test = eval_full = None  # val stays None where the training set must give the validation images
+    val = test = None  # val stays None where the training set must give the validation images
     if name == 'fashion_mnist':
         train_full = load_fashion_mnist(d['path'], 'train', t_train)
-        eval_full = load_fashion_mnist(d['path'], 'train', t_val)
         test = load_fashion_mnist(d['path'], 'test', t_val)
     elif name == 'digits':
-        train_full, eval_full, test = load_digits('train', t_train), load_digits('train', t_val), load_digits('val', t_val)
+        train_full, test = load_digits('train', t_train), load_digits('val', t_val)
     elif name == 'imagefolder':
         if not d['path']:
             raise ValueError('data.path must point at the image folder root (holding train/ and val/)')
         root = Path(d['path'])
         train_full = SafeImageFolder(root / d['train_split'], t_train)
-        eval_full = SafeImageFolder(root / d['train_split'], t_val, substitute=False)
         if (root / d['test_split']).is_dir() and d['test_split'] != d['val_split']:
             test = SafeImageFolder(root / d['test_split'], t_val, substitute=False)
         if (root / d['val_split']).is_dir():
@@ -211,7 +220,7 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
         val_source = f'the {name} test split (data.holdout 0: the selection set is the reported one)'
     else:
         train_idx, val_idx = holdout_split(len(train_full), d['holdout'], int(config['train']['seed']))
-        train, val = Subset(train_full, train_idx), Subset(eval_full, val_idx)
+        train, val = Subset(train_full, train_idx), Subset(_evaluation_view(train_full, t_val), val_idx)
         val_source = f'{len(val_idx)} training images held out (seed {config["train"]["seed"]})'
     classes = list(train_full.classes)
     num_classes = d['num_classes'] or len(classes)
