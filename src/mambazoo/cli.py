@@ -74,20 +74,28 @@ def _positive(name: str, value: Optional[int]) -> None:
         raise UsageError(f'{name} must be at least 1, got {value}')
 
 
+def _opened_record(args: argparse.Namespace):
+    """(record, weights source) of the trained model file --checkpoint, read once; an error when it does not say
+    which model it holds."""
+    from mambazoo.models import CheckpointError
+    from mambazoo.models.model_file import open_model_file
+    if not getattr(args, 'checkpoint', None):
+        raise UsageError('name a model (--model NAME, see `mambazoo list`) or a trained model file (--checkpoint PATH)')
+    record, source = open_model_file(args.checkpoint, trusted=getattr(args, 'trusted', False))
+    if record is None:
+        raise CheckpointError(f'{args.checkpoint} does not record which model it holds (only checkpoints written by '
+                              f'`mambazoo train` and exported folders do): name it with --model NAME')
+    return record, source
+
+
 def _architecture(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
     """The model name and arguments a command builds: --model and its options, or the record of the trained model
     file --checkpoint (its name, arguments and evaluation config; --model-kwargs still win)."""
-    from mambazoo.models import CheckpointError, read_model_record
     from mambazoo.models.model_file import recorded_cfg
     kwargs = _model_kwargs(args)
     if args.model:
         return args.model, kwargs
-    if not getattr(args, 'checkpoint', None):
-        raise UsageError('name a model (--model NAME, see `mambazoo list`) or a trained model file (--checkpoint PATH)')
-    record = read_model_record(args.checkpoint, trusted=getattr(args, 'trusted', False))
-    if record is None:
-        raise CheckpointError(f'{args.checkpoint} does not record which model it holds (only checkpoints written by '
-                              f'`mambazoo train` and exported folders do): name it with --model NAME')
+    record, _ = _opened_record(args)
     return record['name'], {**record['args'], 'pretrained_cfg_overlay': recorded_cfg(record), **kwargs}
 
 
@@ -100,9 +108,10 @@ def _load_model(args: argparse.Namespace, purpose: str):
     trusted = getattr(args, 'trusted', False)
     pretrained = getattr(args, 'pretrained', False)
     if args.model is None:
-        name, recorded = _architecture(args)
-        recorded.pop('pretrained_cfg_overlay')
-        return mambazoo.load_model(args.checkpoint, trusted=trusted, **kwargs), name, recorded
+        from mambazoo.models.model_file import model_from_file
+        record, source = _opened_record(args)
+        model = model_from_file(record, source, args.checkpoint, overrides=kwargs)
+        return model, record['name'], {**record['args'], **kwargs}
     model = mambazoo.create_model(args.model, pretrained=pretrained, checkpoint_path=args.checkpoint,
                                   trusted=trusted, **kwargs).eval()
     if args.checkpoint is None and not pretrained:

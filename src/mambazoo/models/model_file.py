@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from ._builder import CheckpointError, _load_file, read_checkpoint, resolve_name
 
-__all__ = ['RECORD_KEY', 'model_record', 'read_model_record', 'open_model_file', 'load_model', 'recorded_cfg']
+__all__ = ['RECORD_KEY', 'model_record', 'read_model_record', 'open_model_file', 'load_model', 'model_from_file',
+           'recorded_cfg']
 
 RECORD_KEY = 'mambazoo_model'
 DATA_CONFIG_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
@@ -197,12 +198,19 @@ def load_model(path: PathLike, use_ema: Optional[bool] = None, trusted: bool = F
             f'{path} does not record which model it holds (only checkpoints written by `mambazoo train` and folders '
             f'written by `mambazoo export --format folder` do): name the architecture, e.g. '
             f'create_model(NAME, checkpoint_path={str(path)!r}) or --model NAME')
+    return model_from_file(record, source, path, use_ema, overrides)
+
+
+def model_from_file(record: Mapping[str, Any], source: Union[Path, Mapping], path: PathLike,
+                    use_ema: Optional[bool] = None, overrides: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """``load_model`` of a file already opened (``open_model_file``'s record and weights source): nothing is read
+    again."""
     if use_ema is None:
         use_ema = record.get('weights') == 'ema'
     state: Union[Path, Mapping[str, Tensor]] = source
     if use_ema or isinstance(source, Mapping):
         state = _Contents(read_checkpoint(source, use_ema=use_ema), Path(path))
-    return build_recorded(record, state, overrides).eval()
+    return build_recorded(record, state, overrides or {}).eval()
 
 
 def build_recorded(record: Mapping[str, Any], weights: Union[Path, Mapping[str, Tensor], None],

@@ -7,7 +7,8 @@ import torch
 from ..data.datasets import SafeImageFolder, load_digits, load_fashion_mnist
 from ..data.images import build_eval_transform, eval_data_config
 from ..data.loader import build_loader
-from ..models import create_model, load_checkpoint, load_model, read_model_record
+from ..models import create_model, load_checkpoint
+from ..models.model_file import model_from_file, open_model_file
 from ..runtime import optimize_for_cpu
 from .trainer import evaluate
 
@@ -55,10 +56,10 @@ def validate(
         raise ValueError(f'batch size must be at least 1, got {batch_size}')
     if model_name is None and checkpoint is None:
         raise ValueError('name the model (--model NAME) or a trained model file (--checkpoint PATH)')
-    record = read_model_record(checkpoint, trusted=trusted) if checkpoint is not None else None
+    record, source = open_model_file(checkpoint, trusted=trusted) if checkpoint is not None else (None, None)
     dataset = evaluation_dataset(data, split)
     if record is not None and (model_name is None or _same_name(model_name, record)):
-        model = load_model(checkpoint, use_ema=use_ema, trusted=trusted, **(model_kwargs or {}))
+        model = model_from_file(record, source, checkpoint, use_ema, model_kwargs)
         model_name = record['name']
     elif model_name is None:
         raise ValueError(f'name the model (--model NAME): {checkpoint} does not record which model it holds')
@@ -67,7 +68,7 @@ def validate(
         kwargs = {'num_classes': len(dataset.classes), 'in_chans': 1 if grayscale else 3, **(model_kwargs or {})}
         model = create_model(model_name, **kwargs)
         if checkpoint is not None:
-            load_checkpoint(model, checkpoint, use_ema=bool(use_ema), trusted=trusted)
+            load_checkpoint(model, source, use_ema=bool(use_ema))  # the file's contents, read once above
     cfg = eval_data_config(model, img_size, crop_pct)
     dataset.transform = build_eval_transform(model, img_size, crop_pct)
     loader, _ = build_loader(dataset, batch_size, False, 0, workers, pad=False)
