@@ -139,6 +139,19 @@ def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
         assert torch.equal(split, single)
 
 
+def test_importing_the_kernels_compiles_no_task():
+    """Each task compiles at its first launch (``compiled_task``), so a fresh checkout's first run pays only for
+    the kernels its model runs (MambaVision: the scan's), not for all ten (~100 s on 2 cores). Checked in a new
+    interpreter, whose imports would have compiled eagerly declared tasks."""
+    import subprocess
+    import sys
+    code = ('from mambazoo.ops import scan_numba, scan_numba_grad, cross_scan_grad\n'
+            'print(len(scan_numba._TASKS), [n for n, t in scan_numba._TASKS.items() if t._cfunc is not None])\n')
+    done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['11', '[]']
+
+
 @pytest.mark.parametrize('threads', [1, 2])
 def test_launch_refuses_arrays_the_task_would_misread(threads):
     arrays = [np.zeros((4, 1, 32), np.float32)] * 3 + [np.zeros((2, 32), np.float32)] + \

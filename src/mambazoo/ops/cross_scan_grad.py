@@ -43,7 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from .policy import compute_dtype
 from .scan_numba import (CROSS_BY_BATCH, CROSS_BY_CHANNELS, CROSS_BY_DIRECTION, LOG2_E, _launch, _thread_count,
-                         check_shapes, numba_importable, register_kernel)
+                         check_shapes, compiled_task, numba_importable, register_kernel)
 
 __all__ = ['cross_selective_scan_train', 'CHUNK_STEPS']
 
@@ -95,7 +95,6 @@ _GRAD_AT = _offsets(_GRAD_LAYOUT)
 
 if numba_importable():
     import numba
-    from numba.core import types as numba_types
 
     from .scan_numba import (_cross_scan_channels, _cross_task_ranges, _exp2, _f1, _f2, _f3, _f4, _i2, _project,
                              _softplus)
@@ -230,7 +229,7 @@ if numba_importable():
                         for j in range(width):
                             dx_p[j] += du[j]
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _cross_train_task(data):
         """Split by directions, task p adds into outs[p]."""
         o = _TRAIN_AT
@@ -241,7 +240,7 @@ if numba_importable():
                                  _i2(data, o[6]), outs[part if data[4] == CROSS_BY_DIRECTION else 0],
                                  _f4(data, o[8]), data[3] != 0, c0, c1, i0, i1, k0, k1)
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _cross_grad_task(data):
         """Task p adds into dA[p], dDb[p], dWt[p]; into dx[p] when split by directions (tasks meet at every
         token), into ddbl's p-th block of batch elements when split by channels (tasks meet at every row)."""

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import math
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
 __all__ = ['numba_importable', 'selective_scan_compiled', 'scan_kernel_takes', 'check_shapes', 'run_scan_kernel',
-           'run_cross_scan_kernel', 'run_mixer_conv_silu', 'run_mixer_scan', 'register_kernel']
+           'run_cross_scan_kernel', 'run_mixer_conv_silu', 'run_mixer_scan', 'register_kernel', 'compiled_task']
 
 LOG2_E = math.log2(math.e)
 
@@ -525,6 +526,29 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
 MIN_PARALLEL_WORK = 65536  # below, one thread: the parallel region's start costs more than it saves
 CROSS_BY_CHANNELS, CROSS_BY_BATCH, CROSS_BY_DIRECTION = 0, 1, 2  # how a cross-scan call is split
 
+_COMPILING = threading.Lock()  # threads may launch a kernel for the first time at once
+
+
+class compiled_task:
+    """A kernel's task (a numba cfunc of the data vector), compiled, or loaded from numba's cache, at its first
+    launch. Why not at import (the decorator's own time): the first run of a fresh checkout compiles every task it
+    touches, about 45 s for this module's four alone on a 2-core EPYC; now a model compiles only the kernels it
+    runs (MambaVision's training: the scan's three), and importing compiles nothing."""
+
+    def __init__(self, function):
+        self.function, self._cfunc = function, None
+        functools.update_wrapper(self, function)
+
+    @property
+    def address(self) -> int:
+        if self._cfunc is None:
+            with _COMPILING:
+                if self._cfunc is None:
+                    self._cfunc = numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)),
+                                              cache=True)(self.function)
+        return self._cfunc.address
+
+
 # The arrays each kernel takes, in order, as (ndim, dtype) for the task's unpacking.
 _KERNEL_ARRAYS = {
     'scan': ((3, 'f4'), (3, 'f4'), (3, 'f4'), (2, 'f4'), (4, 'f4'), (4, 'f4'), (1, 'f4'), (1, 'f4'), (3, 'f4'),
@@ -590,7 +614,7 @@ if numba is not None:
         return _task_bounds(_fetch_add(data, 1), data[1], data[2], align)
 
     # data: [task counter, tasks, channels, flag, flag, arrays as in _KERNEL_ARRAYS...]; offsets follow from it.
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _scan_task(data):
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
@@ -613,7 +637,7 @@ if numba is not None:
             c0, c1 = _task_bounds(ticket, data[1], data[2], 16)
         return c0, c1, i0, i1, k0, k1, ticket
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _cross_task(data):
         """Split by directions, task p adds into its own output, outs[p] (directions meet at every token)."""
         x, dt_wt, outs = _f3(data, 5), _f3(data, 14), _f4(data, 28)
@@ -623,13 +647,13 @@ if numba is not None:
                                  outs[ticket if data[4] == CROSS_BY_DIRECTION else 0], None, data[3] != 0,
                                  c0, c1, i0, i1, k0, k1)
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _conv_task(data):
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
             _mixer_conv_silu_channels(_f3(data, 5), _f2(data, 9), _f1(data, 12), _f3(data, 14), c0, c1)
 
-    @numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)), cache=True)
+    @compiled_task
     def _mixer_task(data):
         c0, c1 = _task_range(data, 16)
         if c0 < c1:
@@ -642,7 +666,8 @@ if numba is not None:
 
 def register_kernel(name: str, layout: tuple, task) -> None:
     """Make kernel ``name`` launchable by ``_launch``: ``layout`` lists its arrays as (ndim, dtype) in the order of
-    the task's unpacking, ``task`` is its numba cfunc (data: [task counter, tasks, units, flag, flag, arrays...]).
+    the task's unpacking, ``task`` is its ``compiled_task`` (data: [task counter, tasks, units, flag, flag,
+    arrays...]).
     Other modules' kernels (the backward ones) register here and share the thread machinery below."""
     if name in _TASKS:
         raise ValueError(f'kernel {name!r} is registered already')

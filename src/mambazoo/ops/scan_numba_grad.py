@@ -41,7 +41,6 @@ functions directly, on one thread (exp2 and softplus stay float32-accurate polyn
 finite differences).
 """
 import math
-import threading
 from collections import namedtuple
 from typing import Optional, Sequence
 
@@ -57,10 +56,8 @@ from .scan_numba import LOG2_E, check_shapes, numba, scan_kernel_takes
 from .scan_reference import check_scan_args
 
 if numba is not None:
-    from numba.core import types as numba_types
-
     from .scan_numba import (_exp2, _f1, _f2, _f3, _f4, _fetch_add, _float32_pointer, _mixer_conv_silu_channels,
-                             _mixer_scan_channels, _scan_channels, _silu, _softplus, _task_bounds)
+                             _mixer_scan_channels, _scan_channels, _silu, _softplus, _task_bounds, compiled_task)
 
 __all__ = ['SelectiveScanCompiledFn', 'MixerScanCompiledFn', 'MixerConvCompiledFn', 'selective_scan_train',
            'mixer_scan_train', 'mixer_conv_silu_train', 'needs_grad', 'CHUNK', 'BLOCK']
@@ -400,8 +397,8 @@ if numba is not None:
 
 # -- launching ----------------------------------------------------------------------------------------------
 #
-# Each kernel runs as a task of ``scan_numba._launch`` (registered with ``scan_numba.register_kernel`` at the first
-# training call, so that importing this module compiles nothing); a float64 call (the tests' gradcheck) runs the
+# Each kernel runs as a task of ``scan_numba._launch`` (registered with ``scan_numba.register_kernel``; compiled at
+# its first launch, so that importing this module compiles nothing); a float64 call (the tests' gradcheck) runs the
 # numba function directly on one thread. A backward task adds its channels' dB and dC into partial number
 # ``ticket`` (its task number), so ``tasks`` partials are allocated and summed after.
 
@@ -434,26 +431,10 @@ _SCAN_TRAIN, _SCAN_BACKWARD = _AT['scan_train'], _AT['scan_backward']
 _MIXER_TRAIN, _MIXER_BACKWARD, _CONV_BACKWARD = _AT['mixer_train'], _AT['mixer_backward'], _AT['conv_backward']
 
 
-_REGISTRATION = threading.Lock()  # threads may start training at once
-_registered = False
-
-
-def _register_kernels() -> None:
-    """Compile (or load from numba's cache) the tasks and register them with ``scan_numba``'s launcher, once."""
-    global _registered
-    if not _registered:
-        with _REGISTRATION:
-            if not _registered:
-                _compile_tasks()
-                _registered = True
-
-
-def _compile_tasks() -> None:
-    """Each task reads its arrays at the offsets of its layout (module-level tuples: numba compiles their entries
-    in as constants)."""
-    signature = numba_types.void(numba_types.CPointer(numba_types.int64))
-
-    @numba.cfunc(signature, cache=True)
+if numba is not None:
+    # Each task reads its arrays at the offsets of its layout (module-level tuples: numba compiles their entries in
+    # as constants). Compiled (or loaded from numba's cache) at a kernel's first launch, not at import.
+    @compiled_task
     def scan_train_task(data):
         o = _SCAN_TRAIN
         c0, c1 = _task_bounds(_fetch_add(data, 1), data[1], data[2], 16)
@@ -462,7 +443,7 @@ def _compile_tasks() -> None:
                            _f4(data, o[5]), _f1(data, o[6]), _f1(data, o[7]), _f3(data, o[8]), _f3(data, o[9]),
                            _f4(data, o[10]), data[3] & 1 != 0, data[3] & 2 != 0, data[4], c0, c1)
 
-    @numba.cfunc(signature, cache=True)
+    @compiled_task
     def scan_backward_task(data):
         p = _SCAN_BACKWARD
         ticket = _fetch_add(data, 1)
@@ -475,7 +456,7 @@ def _compile_tasks() -> None:
                 _f1(data, p[16]), _f5(data, p[17])[ticket], _f5(data, p[18])[ticket], data[3] & 1 != 0,
                 data[3] & 2 != 0, data[4], c0, c1)
 
-    @numba.cfunc(signature, cache=True)
+    @compiled_task
     def mixer_train_task(data):
         q = _MIXER_TRAIN
         c0, c1 = _task_bounds(_fetch_add(data, 1), data[1], data[2], 16)
@@ -484,7 +465,7 @@ def _compile_tasks() -> None:
                                  _f3(data, q[5]), _f2(data, q[6]), _f1(data, q[7]), _f1(data, q[8]), _f3(data, q[9]),
                                  _f4(data, q[10]), data[3], data[4] & 1 != 0, data[4] >> 1, c0, c1)
 
-    @numba.cfunc(signature, cache=True)
+    @compiled_task
     def mixer_backward_task(data):
         r = _MIXER_BACKWARD
         ticket = _fetch_add(data, 1)
@@ -497,7 +478,7 @@ def _compile_tasks() -> None:
                 _f2(data, r[16]), _f1(data, r[17]), _f1(data, r[18]), data[3], data[4] & 1 != 0, data[4] >> 1,
                 c0, c1)
 
-    @numba.cfunc(signature, cache=True)
+    @compiled_task
     def conv_backward_task(data):
         w = _CONV_BACKWARD
         c0, c1 = _task_bounds(_fetch_add(data, 1), data[1], data[2], 16)
@@ -523,7 +504,6 @@ def _run(name: str, tensors: Sequence[Tensor], flags: tuple, units: int, tasks: 
     tasks, float64 by a direct call."""
     arrays = [t.detach().numpy() for t in tensors]
     if tensors[0].dtype == torch.float32:
-        _register_kernels()
         scan_numba._launch(name, arrays, flags, units, tasks)
         return
     a, f0, f1 = arrays, flags[0] if flags else 0, flags[1] if len(flags) > 1 else 0
