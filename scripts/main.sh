@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-bash scripts/setup.sh --data
+bash scripts/setup.sh --data --extras export,examples  # ONNX export and its check on a real photograph
 RUN=runs/main
 DATA=fashion_mnist
 EXTRA=()

@@ -380,7 +380,8 @@ def _cmd_show_data(args: argparse.Namespace) -> int:
     from mambazoo.data import build_data
     from mambazoo.train import load_config
     _positive('--count', args.count)
-    config = load_config(overrides=[f'data.img_size={args.img_size}', 'data.holdout=0'])
+    # data.aug.batched=false: the samples shown go through the per-image transforms one at a time
+    config = load_config(overrides=[f'data.img_size={args.img_size}', 'data.holdout=0', 'data.aug.batched=false'])
     root = Path(args.data)
     if root.is_dir():
         config['data'].update(name='imagefolder', path=str(root))

@@ -400,17 +400,24 @@ def test_resume_missing_checkpoint(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # Interrupted in-process (fast): an exception at the 4th checkpoint, then resume
 
-INTERRUPT_SETS = ['data.name=fake', 'data.fake_size=[48,16]', 'sched.epochs=1', 'train.checkpoint_interval_steps=1',
-                  'ema.enabled=true', 'ema.decay=0.8', 'model.drop_path_rate=0.1']
+INTERRUPT_SETS = ['sched.epochs=1', 'train.checkpoint_interval_steps=1', 'ema.enabled=true', 'ema.decay=0.8',
+                  'model.drop_path_rate=0.1']
+INTERRUPT_DATA = {
+    'fake': ['data.name=fake', 'data.fake_size=[48,16]'],
+    # in-memory images, crop and flip only: augmented a batch at a time (BatchAugment) by the trainer
+    'digits_batched': ['data.name=digits', 'data.aug.color_jitter=0', 'data.aug.train_interpolation=bilinear',
+                       'data.aug.scale=[0.5,1.0]', 'train.max_steps_per_epoch=6'],
+}
 
 
-@pytest.fixture(scope='module')
-def interrupted_runs(tmp_path_factory):
+@pytest.fixture(scope='module', params=sorted(INTERRUPT_DATA))
+def interrupted_runs(tmp_path_factory, request):
     import mambazoo.train.trainer as trainer_module
     base = tmp_path_factory.mktemp('interrupt')
+    sets = [*INTERRUPT_SETS, *INTERRUPT_DATA[request.param]]
     threads = torch.get_num_threads()
     try:
-        reference = _train(base / 'reference', *INTERRUPT_SETS)
+        reference = _train(base / 'reference', *sets)
         saves = []
 
         def failing_save(obj, path):
@@ -421,9 +428,9 @@ def interrupted_runs(tmp_path_factory):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(trainer_module, 'save_atomic', failing_save)
             with pytest.raises(KeyboardInterrupt):
-                _train(base / 'resumed', *INTERRUPT_SETS)
+                _train(base / 'resumed', *sets)
         assert load_training_state(base / 'resumed' / 'last.pth')['global_step'] == 3
-        resumed = _train(base / 'resumed', *INTERRUPT_SETS, resume='auto')
+        resumed = _train(base / 'resumed', *sets, resume='auto')
     finally:
         torch.set_num_threads(threads)
     return reference, resumed

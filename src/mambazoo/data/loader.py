@@ -7,12 +7,15 @@ sees the very batches, with the very augmentations, that the uninterrupted run s
 loader workers.
 """
 import copy
+import math
 import random
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundError, SafeImageFolder, collate_skipping_none, fake_dataset,
@@ -20,7 +23,7 @@ from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundErr
 from .images import eval_transform_of, match_channels, with_mode
 
 __all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_train_transform',
-           'eval_config_of', 'holdout_split']
+           'BatchAugment', 'eval_config_of', 'holdout_split']
 
 
 def derive_seed(*parts: int) -> int:
@@ -116,6 +119,8 @@ class DataBundle:
     std: Tuple[float, ...]
     eval_config: Dict[str, Any]
     val_source: str  # where the validation images come from, in words
+    # Where set (BatchAugment), the training set yields uint8 images and the trainer augments each batch with it.
+    train_augment: Optional[Callable] = None
 
 
 def build_train_transform(config: Dict[str, Any], in_chans: int, mean, std):
@@ -128,6 +133,76 @@ def build_train_transform(config: Dict[str, Any], in_chans: int, mean, std):
         scale=tuple(aug['scale']), ratio=tuple(aug['ratio']), hflip=aug['hflip'], vflip=aug['vflip'],
         color_jitter=aug['color_jitter'] or None, auto_augment=aug['auto_augment'], re_prob=aug['re_prob'],
         re_mode=aug['re_mode'], interpolation=aug['train_interpolation'])
+
+
+class BatchAugment:
+    """The training augmentation of in-memory images, a whole batch at once: random resized crop (torchvision's
+    sampling of area and aspect ratio, ten tries, then the centre), horizontal and vertical flips, resize to
+    ``img_size`` by one ``grid_sample`` (bilinear or bicubic), normalisation.
+
+    Why: per image, timm's pipeline (PIL crop and resize, flip, to tensor, normalise) cost 0.24 ms, a quarter of
+    the Fashion-MNIST recipe's training step on 2 cores; the batch takes about a millisecond. Randomness comes from
+    the ``generator`` of each call, which the trainer seeds by (seed, epoch, step), so a resumed run sees the same
+    augmentations. Takes uint8 images (B, C, H, W) as ``PILToTensor`` gives them; returns float32
+    (B, in_chans, img_size, img_size)."""
+
+    def __init__(self, img_size: int, in_chans: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 hflip: float = 0.5, vflip: float = 0.0, interpolation: str = 'bilinear'):
+        if interpolation not in ('bilinear', 'bicubic'):
+            raise ValueError(f'BatchAugment resizes bilinear or bicubic, not {interpolation!r}')
+        self.img_size, self.in_chans, self.interpolation = img_size, in_chans, interpolation
+        self.scale, self.log_ratio = tuple(scale), (math.log(ratio[0]), math.log(ratio[1]))
+        self.ratio, self.hflip, self.vflip = tuple(ratio), hflip, vflip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+
+    def crop_boxes(self, batch: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """(top, left, height, width) of each image's crop, (batch, 4) float: torchvision's
+        ``RandomResizedCrop.get_params``, its ten tries drawn at once."""
+        tries = 10
+        area = height * width * torch.empty(batch, tries).uniform_(*self.scale, generator=generator)
+        aspect = torch.exp(torch.empty(batch, tries).uniform_(*self.log_ratio, generator=generator))
+        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = fits.int().argmax(1, keepdim=True)  # the first try that fits (0 where none does)
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        # Where no try fits: the whole image, cut to the nearest allowed aspect ratio, centred.
+        in_ratio = width / height
+        fw = float(width) if self.ratio[0] <= in_ratio <= self.ratio[1] else (
+            float(round(height * self.ratio[1])) if in_ratio > self.ratio[1] else float(width))
+        fh = float(height) if self.ratio[0] <= in_ratio <= self.ratio[1] else (
+            float(round(width / self.ratio[0])) if in_ratio < self.ratio[0] else float(height))
+        any_fits = fits.any(1)
+        w, h = torch.where(any_fits, w, fw), torch.where(any_fits, h, fh)
+        offsets = torch.rand(batch, 2, generator=generator)
+        top = torch.where(any_fits, (offsets[:, 0] * (height - h + 1)).floor(), ((height - h) / 2).floor())
+        left = torch.where(any_fits, (offsets[:, 1] * (width - w + 1)).floor(), ((width - w) / 2).floor())
+        return torch.stack([top, left, h, w], 1)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        batch, _, height, width = images.shape
+        top, left, h, w = self.crop_boxes(batch, height, width, generator).unbind(1)
+        flips = torch.rand(batch, 2, generator=generator) < torch.tensor([self.hflip, self.vflip])
+        sign = 1.0 - 2.0 * flips.float()
+        # Where each output pixel samples the input, in grid_sample's [-1, 1] pixel-edge coordinates (what
+        # affine_grid makes, without its batched matrix product): the output's edges land on the crop's edges,
+        # a flip mirrors within the crop.
+        centres = (torch.arange(self.img_size, dtype=torch.float32) * 2 + 1) / self.img_size - 1
+        gx = (sign[:, :1] * w[:, None] / width) * centres + ((2 * left + w) / width - 1)[:, None]
+        gy = (sign[:, 1:] * h[:, None] / height) * centres + ((2 * top + h) / height - 1)[:, None]
+        grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1).to(images.device)
+        out = F.grid_sample(images.float(), grid, mode=self.interpolation, padding_mode='border',
+                            align_corners=False)
+        if out.shape[1] != self.in_chans:  # grayscale images for a model with more input channels
+            out = out.expand(-1, self.in_chans, -1, -1)
+        return (out - self.mean.to(out.device)) / self.std.to(out.device)
+
+    @staticmethod
+    def takes(config: Dict[str, Any]) -> bool:
+        """Whether ``data.aug`` is within what a batch can do (crop, flips; bilinear or bicubic)."""
+        aug = config['data']['aug']
+        return (bool(aug['batched']) and not aug['color_jitter'] and not aug['auto_augment'] and not aug['re_prob']
+                and aug['train_interpolation'] in ('bilinear', 'bicubic'))
 
 
 def eval_config_of(config: Dict[str, Any], in_chans: int, mean, std,
@@ -180,7 +255,15 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
         std = tuple((model_cfg or {}).get('std', (0.229, 0.224, 0.225)))
     mean, std = match_channels(mean, std, in_chans)
     eval_config = eval_config_of(config, in_chans, mean, std, model_cfg)
-    t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
+    train_augment = None
+    if name in ('fashion_mnist', 'digits') and BatchAugment.takes(config):  # images in memory: batches augment
+        from torchvision.transforms import PILToTensor
+        aug = d['aug']
+        train_augment = BatchAugment(d['img_size'], in_chans, mean, std, aug['scale'], aug['ratio'], aug['hflip'],
+                                     aug['vflip'], aug['train_interpolation'])
+        t_train = with_mode(PILToTensor(), in_chans)
+    else:
+        t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
     t_val = eval_transform_of(eval_config)  # what the checkpoints record and every command rebuilds
 
     val = test = None  # val stays None where the training set must give the validation images
@@ -224,7 +307,8 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
         val_source = f'{len(val_idx)} training images held out (seed {config["train"]["seed"]})'
     classes = list(train_full.classes)
     num_classes = d['num_classes'] or len(classes)
-    return DataBundle(train, val, test, num_classes, in_chans, classes, mean, std, eval_config, val_source)
+    return DataBundle(train, val, test, num_classes, in_chans, classes, mean, std, eval_config, val_source,
+                      train_augment)
 
 
 def build_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int, workers: int, rank: int = 0,

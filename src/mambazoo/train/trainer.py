@@ -300,6 +300,9 @@ def train(config: Dict[str, Any], resume: Optional[str] = None, overwrite: bool 
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
     opt_kwargs = {k: o_cfg[k] for k in ('betas', 'eps') if o_cfg[k] is not None}
+    fused = o_cfg['fused'] if o_cfg['fused'] is not None else o_cfg['opt'] in ('adam', 'adamw')
+    if fused:
+        opt_kwargs['fused'] = True
     optimizer = create_optimizer_v2(model, opt=o_cfg['opt'], lr=o_cfg['lr'], weight_decay=o_cfg['weight_decay'],
                                     momentum=o_cfg['momentum'], layer_decay=o_cfg['layer_decay'], **opt_kwargs)
     scheduler, num_epochs = create_scheduler_v2(
@@ -364,7 +367,7 @@ def train(config: Dict[str, Any], resume: Optional[str] = None, overwrite: bool 
                              mixup_fn, config, device, amp_dtype, epoch, start_step, steps_per_epoch, accum,
                              seed, rank, state, log, is_main,
                              on_step=(lambda s: checkpoint(out_dir / 'last.pth', epoch, s))
-                             if interval else None, interval=interval)
+                             if interval else None, interval=interval, augment=data.train_augment)
         metrics = evaluate(model, val_loader, device, amp_dtype, world_size)
         row = {'epoch': epoch + 1, 'train_loss': stats['loss'], 'train_top1': stats['top1'],
                'val_loss': metrics['loss'], 'val_top1': metrics['top1'], 'val_top5': metrics['top5'],
@@ -429,7 +432,7 @@ def _test_best(model: nn.Module, best: Path, data, config: Dict[str, Any], devic
 
 def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, criterion, mixup_fn, config,
                  device, amp_dtype, epoch, start_step, steps_per_epoch, accum, seed, rank, state, log, is_main,
-                 on_step=None, interval=0) -> Dict[str, float]:
+                 on_step=None, interval=0, augment=None) -> Dict[str, float]:
     o_cfg, t_cfg = config['optim'], config['train']
     progress = None
     if is_main and t_cfg['progress']:
@@ -445,6 +448,8 @@ def _train_epoch(train_model, model, loader, optimizer, scheduler, ema, scaler, 
         for micro in range(accum):
             x, y = next(batches)
             x, y = x.to(device), y.to(device)
+            if augment is not None:  # a batch of uint8 images: augmented here, by a generator fixed per step
+                x = augment(x, torch.Generator().manual_seed(derive_seed(seed, epoch, step, micro, rank, 0xB47)))
             if t_cfg['channels_last']:
                 x = x.contiguous(memory_format=torch.channels_last)
             seed_all(derive_seed(seed, epoch, step, micro, rank))  # dropout, drop path, mixup: fixed per step
