@@ -25,7 +25,7 @@ from mambazoo.cli import main as cli_main
 from mambazoo.train import DEFAULTS, apply_overrides, evaluate, load_config, train
 from mambazoo.train.checkpoint import RunDirError, load_training_state, save_atomic
 from mambazoo.train.config import ConfigError
-from mambazoo.train.trainer import find_batch_size
+from mambazoo.train.trainer import build_optimizer, find_batch_size
 
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1', HF_HUB_OFFLINE='1')
 
@@ -395,6 +395,27 @@ def test_resume_missing_checkpoint(tmp_path):
     with pytest.raises(RunDirError, match='nothing to resume'):
         _train(tmp_path / 'b', 'data.name=fake', 'data.fake_size=[8,8]', 'sched.epochs=1', resume='auto')
     assert not (tmp_path / 'b').exists()
+
+
+@pytest.mark.parametrize('sets, fused', [([], True), (['optim.opt=adam'], True), (['optim.fused=false'], False),
+                                          (['optim.opt=sgd'], False)])
+def test_optimizer_is_torchs_fused_adam_unless_told_otherwise(sets, fused):
+    """The fused kernel updates the weights as the per-tensor loop does (same steps, float32 rounding apart)."""
+    o_cfg = load_config(None, ['optim.lr=0.01', *sets])['optim']
+    weights = {}
+    for kind in ('built', 'plain'):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+        opt = build_optimizer(model, o_cfg) if kind == 'built' else \
+            build_optimizer(model, {**o_cfg, 'fused': False})
+        assert bool(opt.defaults.get('fused')) == (fused if kind == 'built' else False)
+        for step in range(3):
+            x = torch.randn(4, 6, generator=torch.Generator().manual_seed(step))
+            model(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        weights[kind] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.testing.assert_close(weights['built'], weights['plain'], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 from ..data.loader import ResumableSampler, derive_seed, match_channels, seed_all
 from ..models._builder import get_pretrained_cfg
 from ..train.checkpoint import checked_run_dir, load_training_state, restore_training_state, rng_state, save_atomic
-from ..train.trainer import setup_distributed
+from ..train.trainer import build_optimizer, setup_distributed
 from .data import build_composed_datasets, collate_detection
 from .detection import DETECTORS, build_detector
 from .segmentation import build_segmenter, confusion_matrix, mean_iou
@@ -219,11 +219,8 @@ def train_downstream(config: Dict[str, Any], resume: Optional[str] = None, overw
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=eval_bs, sampler=val_sampler, num_workers=workers,
                                              collate_fn=collate_detection)
 
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
-    opt_kwargs = {k: o_cfg[k] for k in ('betas', 'eps') if o_cfg[k] is not None}
-    optimizer = create_optimizer_v2(model, opt=o_cfg['opt'], lr=o_cfg['lr'], weight_decay=o_cfg['weight_decay'],
-                                    momentum=o_cfg['momentum'], **opt_kwargs)
+    optimizer = build_optimizer(model, o_cfg)
     # One scheduler "epoch" per optimizer step: detection schedules are counted in iterations.
     scheduler, _ = create_scheduler_v2(optimizer, sched=s_cfg['sched'], num_epochs=steps, warmup_epochs=warmup,
                                        warmup_lr=s_cfg['warmup_lr'], min_lr=s_cfg['min_lr'], step_on_epochs=False,

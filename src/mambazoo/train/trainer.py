@@ -96,6 +96,17 @@ def _fresh_sums() -> Dict[str, float]:
     return {'loss': 0.0, 'correct': 0, 'seen': 0}
 
 
+def build_optimizer(model: nn.Module, o_cfg: Dict[str, Any], **extra: Any) -> torch.optim.Optimizer:
+    """timm's optimizer as ``config['optim']`` says, with torch's fused Adam/AdamW unless ``optim.fused`` is false
+    (one kernel over every tensor instead of a dozen ops per tensor). Both trainers build theirs here."""
+    from timm.optim import create_optimizer_v2
+    kwargs = {k: o_cfg[k] for k in ('betas', 'eps') if o_cfg[k] is not None}
+    if o_cfg['fused'] if o_cfg['fused'] is not None else o_cfg['opt'] in ('adam', 'adamw'):
+        kwargs['fused'] = True
+    return create_optimizer_v2(model, opt=o_cfg['opt'], lr=o_cfg['lr'], weight_decay=o_cfg['weight_decay'],
+                               momentum=o_cfg['momentum'], **kwargs, **extra)
+
+
 def find_batch_size(step_fn, batch_size: int, accum_steps: int) -> Tuple[int, int]:
     """Shrink the per-step batch until ``step_fn(batch)`` runs without running out of memory, raising the
     accumulation so that the global batch (batch x accumulation) stays exactly the same.
@@ -296,15 +307,9 @@ def train(config: Dict[str, Any], resume: Optional[str] = None, overwrite: bool 
         raise ValueError(f'the training set ({len(data.train)} images) is smaller than one step '
                          f'({batch_size} x {accum} x {world_size} processes)')
 
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
-    opt_kwargs = {k: o_cfg[k] for k in ('betas', 'eps') if o_cfg[k] is not None}
-    fused = o_cfg['fused'] if o_cfg['fused'] is not None else o_cfg['opt'] in ('adam', 'adamw')
-    if fused:
-        opt_kwargs['fused'] = True
-    optimizer = create_optimizer_v2(model, opt=o_cfg['opt'], lr=o_cfg['lr'], weight_decay=o_cfg['weight_decay'],
-                                    momentum=o_cfg['momentum'], layer_decay=o_cfg['layer_decay'], **opt_kwargs)
+    optimizer = build_optimizer(model, o_cfg, layer_decay=o_cfg['layer_decay'])
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=s_cfg['sched'], num_epochs=s_cfg['epochs'], warmup_epochs=s_cfg['warmup_epochs'],
         warmup_lr=s_cfg['warmup_lr'], min_lr=s_cfg['min_lr'], cooldown_epochs=s_cfg['cooldown_epochs'],
