@@ -114,7 +114,7 @@ def test_unknown_override_key_and_malformed_override(tmp_path, capsys):
 def test_overrides_parse_yaml_values():
     c = load_config(None, ['sched.epochs=5', 'optim.lr=0.25', 'train.amp=true', 'optim.betas=[0.9, 0.95]',
                            'data.mean=null', 'data.aug.auto_augment=rand-m9-mstd0.5-inc1', 'train.output=a=b',
-                           'optim.clip_grad=5', "data.name='digits'"])
+                           'optim.clip_grad=5', "data.name='digits'", 'sched.warmup_epochs=0.5'])
     assert c['sched']['epochs'] == 5 and isinstance(c['sched']['epochs'], int)
     assert c['optim']['lr'] == 0.25
     assert c['train']['amp'] is True
@@ -123,6 +123,7 @@ def test_overrides_parse_yaml_values():
     assert c['data']['aug']['auto_augment'] == 'rand-m9-mstd0.5-inc1'
     assert c['train']['output'] == 'a=b'
     assert c['data']['name'] == 'digits'
+    assert c['sched']['warmup_epochs'] == 0.5  # a fraction of an epoch (timm's schedulers count steps)
     assert DEFAULTS['sched']['epochs'] == 10 and DEFAULTS['optim']['betas'] is None  # defaults untouched
 
 

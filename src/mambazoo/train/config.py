@@ -85,7 +85,7 @@ DEFAULTS: Dict[str, Any] = {
     'sched': {
         'sched': 'cosine',
         'epochs': 10,
-        'warmup_epochs': 0,
+        'warmup_epochs': 0.0,      # a number: 0.5 warms up over half an epoch
         'warmup_lr': 1e-6,
         'min_lr': 1e-5,
         'cooldown_epochs': 0,
