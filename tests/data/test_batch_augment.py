@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import RandomResizedCrop
 
-from mambazoo.data import build_data
+from mambazoo.data import build_data, load_digits
 from mambazoo.data.loader import BatchAugment
 from mambazoo.train.config import load_config
 
@@ -112,6 +112,9 @@ def test_build_data_batches_only_the_recipes_it_can():
     assert isinstance(bundle.train_augment, BatchAugment)
     image, label = bundle.train[0]
     assert image.dtype == torch.uint8 and image.shape == (1, 8, 8)  # the trainer augments the batch
+    full = load_digits('train')
+    assert torch.equal(image[0], torch.from_numpy(full.images[bundle.train.indices[0]]))
+    assert label == full.labels[bundle.train.indices[0]]
     assert bundle.val[0][0].dtype == torch.float32  # evaluation keeps the per-image transform
     for other in ('data.aug.color_jitter=0.4', 'data.aug.train_interpolation=random', 'data.aug.re_prob=0.25',
                   'data.aug.auto_augment=rand-m9-mstd0.5-inc1', 'data.aug.batched=false'):

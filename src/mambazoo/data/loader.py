@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, DatasetNotFoundError, SafeImageFolder, collate_skipping_none, fake_dataset,
-                       load_digits, load_fashion_mnist)
+from .datasets import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, ArrayToTensor, DatasetNotFoundError, SafeImageFolder,
+                       collate_skipping_none, fake_dataset, load_digits, load_fashion_mnist)
 from .images import eval_transform_of, match_channels, with_mode
 
 __all__ = ['DataBundle', 'build_data', 'with_mode', 'match_channels', 'build_loader', 'ResumableSampler', 'SeededDataset', 'derive_seed', 'build_train_transform',
@@ -143,8 +143,8 @@ class BatchAugment:
     Why: per image, timm's pipeline (PIL crop and resize, flip, to tensor, normalise) cost 0.24 ms, a quarter of
     the Fashion-MNIST recipe's training step on 2 cores; the batch takes about a millisecond. Randomness comes from
     the ``generator`` of each call, which the trainer seeds by (seed, epoch, step), so a resumed run sees the same
-    augmentations. Takes uint8 images (B, C, H, W) as ``PILToTensor`` gives them; returns float32
-    (B, in_chans, img_size, img_size)."""
+    augmentations. Takes uint8 images (B, C, H, W), grayscale or of ``in_chans`` channels (``ArrayToTensor``'s,
+    batched); returns float32 (B, in_chans, img_size, img_size)."""
 
     def __init__(self, img_size: int, in_chans: int, mean, std, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                  hflip: float = 0.5, vflip: float = 0.0, interpolation: str = 'bilinear'):
@@ -257,11 +257,10 @@ def build_data(config: Dict[str, Any], model_cfg: Optional[Dict[str, Any]] = Non
     eval_config = eval_config_of(config, in_chans, mean, std, model_cfg)
     train_augment = None
     if name in ('fashion_mnist', 'digits') and BatchAugment.takes(config):  # images in memory: batches augment
-        from torchvision.transforms import PILToTensor
         aug = d['aug']
         train_augment = BatchAugment(d['img_size'], in_chans, mean, std, aug['scale'], aug['ratio'], aug['hflip'],
                                      aug['vflip'], aug['train_interpolation'])
-        t_train = with_mode(PILToTensor(), in_chans)
+        t_train = ArrayToTensor()
     else:
         t_train = with_mode(build_train_transform(config, in_chans, mean, std), in_chans)
     t_val = eval_transform_of(eval_config)  # what the checkpoints record and every command rebuilds
