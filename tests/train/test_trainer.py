@@ -426,9 +426,10 @@ INTERRUPT_SETS = ['sched.epochs=1', 'train.checkpoint_interval_steps=1', 'ema.en
                   'model.drop_path_rate=0.1']
 INTERRUPT_DATA = {
     'fake': ['data.name=fake', 'data.fake_size=[48,16]'],
-    # in-memory images, crop and flip only: augmented a batch at a time (BatchAugment) by the trainer
+    # in-memory images, crop and flip only: augmented a batch at a time (BatchAugment) by the trainer; with the
+    # main job's channels-last layout
     'digits_batched': ['data.name=digits', 'data.aug.color_jitter=0', 'data.aug.train_interpolation=bilinear',
-                       'data.aug.scale=[0.5,1.0]', 'train.max_steps_per_epoch=6'],
+                       'data.aug.scale=[0.5,1.0]', 'train.max_steps_per_epoch=6', 'train.channels_last=true'],
 }
 
 
