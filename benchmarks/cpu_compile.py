@@ -23,6 +23,17 @@ DEFAULT_MODELS = ('mambavision_tiny', 'vmamba_tiny', 'vim_tiny', 'mambaout_tiny'
                   'timm:convnext_tiny', 'timm:deit_tiny_patch16_224')
 
 
+def best_of_rounds_ms(fns, repeats: int, rounds: int, warmup: int = 1) -> list:
+    """For each of ``fns``: the least of ``rounds`` medians of ``repeats`` calls, the functions taking turns round
+    by round. On a shared VM whose speed drifts by a third within minutes, medians taken one function after the
+    other compare different moments; turns and the best round compare the same ones."""
+    best = [float('inf')] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], median_ms(fn, repeats, warmup))
+    return best
+
+
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``repeats`` calls of fn, in ms, after ``warmup`` calls (also used by cpu_kernels.py)."""
     for _ in range(warmup):

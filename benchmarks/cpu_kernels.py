@@ -10,7 +10,9 @@ Rows: one call of each model's largest kernel shapes, float32, no_grad, 2 thread
   two-direction scan around PyTorch's GEMMs vs the PyTorch path (flips and concatenations, ``selective_scan``).
 
 Inputs time-major where the models hand them over time-major (Vim's and the hybrid's mixer, VMamba's tokens).
-Medians of ``--repeats`` calls after warm-up; ratios are PyTorch path / compiled (higher is better). The one-thread
+Each figure is the best of ``--rounds`` rounds, in which the three paths take turns, of the median of
+``--repeats`` calls after warm-up (this VM's speed drifts by a third within minutes: one median after another
+compared different moments); ratios are PyTorch path / compiled (higher is better). The one-thread
 and PyTorch-path columns run under ``scan_policy(scan_threads=1)`` and ``scan_policy(compiled_cpu=False)`` (the
 policy reads MAMBAZOO_SCAN_THREADS and MAMBAZOO_NUMBA once, at import: changing the environment per call would
 change nothing).
@@ -25,7 +27,7 @@ and a step-size projection per update, about 3x the arithmetic the limit counts 
 issue's targets: a scan >= 40% of the limit, and two threads >= 1.7x one wherever the work is large enough to
 split (batch >= 2 or >= 768 channels): "NOT met" marks a split speed-up below that on such a call.
 
-    .venv/bin/python benchmarks/cpu_kernels.py [--threads 2] [--repeats 30] [--batches 1 8] [--match TEXT]
+    .venv/bin/python benchmarks/cpu_kernels.py [--threads 2] [--repeats 10] [--rounds 5] [--batches 1 8] [--match TEXT]
 """
 import argparse
 import os
@@ -35,7 +37,7 @@ from typing import Callable, List
 import torch
 
 import mambazoo
-from cpu_compile import median_ms  # this folder is on sys.path when the script runs
+from cpu_compile import best_of_rounds_ms  # this folder is on sys.path when the script runs
 from mambazoo.analysis.roofline import measure_machine_limits
 from mambazoo.models._blocks import Mamba
 from mambazoo.ops import cross_selective_scan, scan_policy, selective_scan
@@ -127,14 +129,17 @@ def cases_for(batch: int) -> List[Case]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--repeats', type=int, default=30)
+    parser.add_argument('--repeats', type=int, default=10, help='calls per round (their median)')
+    parser.add_argument('--rounds', type=int, default=5,
+                        help='rounds in which the three paths take turns (each figure: its best round)')
     parser.add_argument('--batches', type=int, nargs='+', default=[1, 8])
     parser.add_argument('--match', metavar='TEXT', help='only the calls whose name contains TEXT (e.g. "scan,")')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     limits = measure_machine_limits(args.threads)
     print(f'# {limits.cpu_model}, {os.cpu_count()} CPUs, torch {torch.__version__}, mambazoo {mambazoo.__version__}, '
-          f'{args.threads} threads, float32 no_grad, medians of {args.repeats}')
+          f'{args.threads} threads, float32 no_grad, best of {args.rounds} rounds of {args.repeats} calls '
+          f'(their median), the paths taking turns')
     for line in limits.describe():
         print(f'# {line}')
     limit = limits.scan_updates_per_s_per_core
@@ -146,9 +151,9 @@ def main() -> None:
     print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     with torch.inference_mode():
         for case in cases:
-            split = median_ms(case.call, args.repeats, warmup=3)
-            single = median_ms(with_policy(case.call, scan_threads=1), args.repeats, warmup=3)
-            pytorch = median_ms(with_policy(case.call, compiled_cpu=False), args.repeats, warmup=3)
+            split, single, pytorch = best_of_rounds_ms(
+                [case.call, with_policy(case.call, scan_threads=1), with_policy(case.call, compiled_cpu=False)],
+                args.repeats, args.rounds, warmup=3)
             threads = args.threads if case.updates >= MIN_PARALLEL_WORK else 1
             rate_single = case.updates / (single / 1e3)
             rate_split = case.updates / (split / 1e3) / threads

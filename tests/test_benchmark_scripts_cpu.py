@@ -65,7 +65,7 @@ def test_cpu_latency_training_rows(tmp_path):
 
 
 def test_cpu_kernels_prints_the_efficiency_table():
-    out = _run([BENCHMARKS / 'cpu_kernels.py', '--batches', '2', '--repeats', '1', '--match', 'hybrid-T'])
+    out = _run([BENCHMARKS / 'cpu_kernels.py', '--batches', '2', '--repeats', '1', '--rounds', '2', '--match', 'hybrid-T'])
     rows = [line for line in out.splitlines() if line.startswith('| hybrid-T')]
     assert len(rows) == 2  # the scan and the mixer layer
     assert 'G updates/s per core, 1 thread' in out and 'split target' in out
