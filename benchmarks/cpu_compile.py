@@ -35,7 +35,7 @@ def best_of_rounds_ms(fns, repeats: int, rounds: int, warmup: int = 1) -> list:
 
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``repeats`` calls of fn, in ms, after ``warmup`` calls (also used by cpu_kernels.py)."""
+    """Median wall time of ``repeats`` calls of fn, in ms, after ``warmup`` calls (``best_of_rounds_ms``'s rounds)."""
     for _ in range(warmup):
         fn()
     times = []

@@ -168,10 +168,12 @@ class BatchAugment:
         w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
         # Where no try fits: the whole image, cut to the nearest allowed aspect ratio, centred.
         in_ratio = width / height
-        fw = float(width) if self.ratio[0] <= in_ratio <= self.ratio[1] else (
-            float(round(height * self.ratio[1])) if in_ratio > self.ratio[1] else float(width))
-        fh = float(height) if self.ratio[0] <= in_ratio <= self.ratio[1] else (
-            float(round(width / self.ratio[0])) if in_ratio < self.ratio[0] else float(height))
+        if in_ratio < self.ratio[0]:
+            fw, fh = float(width), float(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fw, fh = float(round(height * self.ratio[1])), float(height)
+        else:
+            fw, fh = float(width), float(height)
         any_fits = fits.any(1)
         w, h = torch.where(any_fits, w, fw), torch.where(any_fits, h, fh)
         offsets = torch.rand(batch, 2, generator=generator)

@@ -101,7 +101,8 @@ def build_optimizer(model: nn.Module, o_cfg: Dict[str, Any], **extra: Any) -> to
     (one kernel over every tensor instead of a dozen ops per tensor). Both trainers build theirs here."""
     from timm.optim import create_optimizer_v2
     kwargs = {k: o_cfg[k] for k in ('betas', 'eps') if o_cfg[k] is not None}
-    if o_cfg['fused'] if o_cfg['fused'] is not None else o_cfg['opt'] in ('adam', 'adamw'):
+    fused = o_cfg['opt'] in ('adam', 'adamw') if o_cfg['fused'] is None else o_cfg['fused']
+    if fused:
         kwargs['fused'] = True
     return create_optimizer_v2(model, opt=o_cfg['opt'], lr=o_cfg['lr'], weight_decay=o_cfg['weight_decay'],
                                momentum=o_cfg['momentum'], **kwargs, **extra)
