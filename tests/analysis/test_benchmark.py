@@ -76,9 +76,18 @@ def test_training_step_measured_and_shared_with_the_benchmark(monkeypatch):
     fields come from it (benchmarks/cpu_latency.py's training rows call it too: they agree by construction)."""
     torch.manual_seed(0)
     model = create_any_model('mambavision_tiny', **TINY_MAMBAVISION).eval()
+    optimizers = []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(self)
+    monkeypatch.setattr(torch.optim, 'AdamW', RecordedAdamW)
     seconds, peak_mb = measure_training_step(model, batch_size=2, img_size=32, warmup=0, iters=1)
     assert seconds > 0 and (peak_mb is None or peak_mb >= 0)
     assert not model.training and all(p.grad is None for p in model.parameters())
+    # the trainer's default optimizer (optim.fused), so that its steps are the ones timed
+    assert [o.defaults['fused'] for o in optimizers] == [True]
 
     calls = []
 

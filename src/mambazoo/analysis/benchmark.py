@@ -206,7 +206,8 @@ def measure_training_step(
 ) -> Tuple[float, Optional[float]]:
     """The training step of ``mambazoo benchmark --train`` (``benchmark_model``'s training fields come from here;
     ``benchmarks/cpu_latency.py``'s training rows call it too): one forward on a fixed random batch,
-    cross-entropy on random labels, backward and an AdamW step (grads set to None first).
+    cross-entropy on random labels, backward and an AdamW step (grads set to None first), torch's fused AdamW on the
+    CPU and CUDA as the trainer's default (``optim.fused``), so a step here is a step of ``mambazoo train``.
 
     Returns the median seconds of ``iters`` steps after ``max(warmup, 1)`` untimed ones (the first step creates
     AdamW's state), and the peak memory growth (MiB, ``PeakMemory``) of one more step, above the weights and the
@@ -221,7 +222,7 @@ def measure_training_step(
     x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     target = torch.randint(0, 2, (batch_size,), device=device)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ('cpu', 'cuda'))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and _amp_dtype(device, amp_dtype) == torch.float16)
 
     def step() -> None:
