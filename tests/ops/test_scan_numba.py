@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import spy
 from mambazoo.ops import scan_numba, selective_scan, selective_scan_ref
 from test_selective_scan import assert_rel_close, cast, make_inputs
 
@@ -150,6 +151,28 @@ def test_importing_the_kernels_compiles_no_task():
     done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ['11', '[]']
+
+
+def _task_doing_nothing(data):
+    pass
+
+
+def test_a_stale_cache_index_is_emptied_and_the_task_compiled(monkeypatch):
+    """numba unpickles a cache index before checking it against the source, so an index left by another version
+    of the kernel files (one naming a class since renamed) raises instead of being ignored; the task empties the
+    package's cache indexes and compiles again, once."""
+    attempts = []
+    real_cfunc = scan_numba.numba.cfunc
+
+    def cfunc(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise AttributeError("Can't get attribute 'Scratch' on <module 'mambazoo.ops.scan_numba_grad'>")
+        return real_cfunc(*args, **kwargs)
+    monkeypatch.setattr(scan_numba.numba, 'cfunc', cfunc)
+    flushes = spy(monkeypatch, scan_numba, '_flush_kernel_caches')
+    assert scan_numba.compiled_task(_task_doing_nothing).address
+    assert len(attempts) == 2 and len(flushes) == 1
 
 
 @pytest.mark.parametrize('threads', [1, 2])

@@ -17,7 +17,8 @@ from helpers import TINY_MAMBAVISION, assert_close_by_name, images, output_and_g
 from mambazoo.models.hybrid import MambaHybrid
 from mambazoo.models.vim import VisionMamba
 from mambazoo.ops import mamba_inner, scan_numba, scan_numba_grad, scan_policy, selective_scan, selective_scan_ref
-from mambazoo.ops.mamba_inner import mamba_inner_conv, mamba_inner_conv_ref, mamba_inner_scan, mamba_inner_scan_ref
+from mambazoo.ops.mamba_inner import (fused_inner_applies, mamba_inner_conv, mamba_inner_conv_ref, mamba_inner_scan,
+                                      mamba_inner_scan_ref)
 from test_mamba_inner import make as make_mixer_inputs
 from test_scan_numba import time_major
 from test_selective_scan import NAMES, assert_rel_close, cast, cotangents_for, make_inputs, scan_and_grads
@@ -247,6 +248,148 @@ def test_mixer_inference_keeps_no_states(kernel_runs, monkeypatch):
     u = mamba_inner_conv(a['xz'], a['weight'], a['bias'])  # grad mode on, nothing requires a gradient
     mamba_inner_scan(u, a['deltas'], a['projections'], a['xz'], a['A'], a['D'], a['delta_bias'], a['rank'])
     assert [len(c) for c in calls.values()] == [1, 1] and kernel_runs == []
+
+
+# --------------------------------------------------------------------------- the mixer's inner part as one op
+
+def make_inner_inputs(batch, length, d, N, rank, branches, bias, dtype=torch.float64, seed=0):
+    """``mamba_inner_fused``'s inputs: ``make_mixer_inputs``' xz, conv, A and D, and the projections' weights."""
+    a = make_mixer_inputs(batch=batch, length=length, d=d, N=N, rank=rank, branches=branches, bias=bias,
+                          dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(xz=a['xz'], conv_weight=a['weight'], conv_bias=a['bias'],
+                x_weights=[r(rank + 2 * N, d) / d ** 0.5 for _ in range(branches)],
+                dt_weights=[r(d, rank) / rank ** 0.5 for _ in range(branches)],
+                dt_biases=[r(d) / 4 for _ in range(branches)], A=a['A'], D=a['D'], dt_rank=rank)
+
+
+def inner_grads(a, divide, dtype, op):
+    """(y, {name: gradient}) of <y, gy> through ``op`` (``mamba_inner_fused`` or its reference) on leaf copies."""
+    leaves = {}
+
+    def leaf(name, t):
+        if t is None:
+            return None
+        leaves[name] = t.detach().to(dtype).requires_grad_()
+        return leaves[name]
+
+    args = {k: ([leaf(f'{k}[{i}]', t) for i, t in enumerate(v)] if isinstance(v, list) else
+                v if k == 'dt_rank' else leaf(k, v)) for k, v in a.items()}
+    y = op(**args, divide=divide)
+    gy = images(*y.shape, seed=5).to(dtype)
+    (y * gy).sum().backward()
+    return y, {k: v.grad for k, v in leaves.items()}
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+@pytest.mark.parametrize('index', [0, 2, 3, 4], ids=[str(MIXER_CASES[i]) for i in (0, 2, 3, 4)])
+def test_fused_inner_training_matches_reference(index, threads, kernel_runs):
+    """``mamba_inner_fused`` under autograd (conv and step sizes recomputed in the backward) == its reference,
+    float32 against float64, every input's gradient."""
+    batch, length, d, n_state, branches, divide, bias = MIXER_CASES[index]
+    a = make_inner_inputs(batch, length, d, n_state, 3, branches, bias, seed=length + d)
+    y_ref, grads_ref = inner_grads(a, divide, torch.float64, mamba_inner.mamba_inner_fused_ref)
+    with scan_policy(scan_threads=threads):
+        y, grads = inner_grads(a, divide, torch.float32, mamba_inner.mamba_inner_fused)
+    # the conv runs twice: forward, and again in the backward
+    assert kernel_runs == ['conv', 'mixer_train', 'conv', 'mixer_backward', 'conv_backward']
+    assert_rel_close(y, y_ref, 2e-6)
+    assert set(grads) == set(grads_ref)
+    for name, g in grads_ref.items():
+        assert grads[name].dtype == torch.float32
+        assert_rel_close(grads[name], g, GRAD_RTOL, f'grad {name}')
+
+
+@pytest.mark.parametrize('branches,divide,bias', [(1, False, True), (2, True, False)])
+def test_fused_inner_gradcheck_float64(branches, divide, bias, monkeypatch):
+    """gradcheck of ``MixerInnerCompiledFn`` on the kernels' float64 twins, chunks of 4 steps over L = 9."""
+    monkeypatch.setattr(scan_numba_grad, 'CHUNK', 4)
+    a = make_inner_inputs(2, 9, 4, 3, 2, branches, bias, seed=21)
+    K = branches
+    order = [t.detach().requires_grad_() if t is not None else None for t in
+             (a['xz'], a['conv_weight'], a['conv_bias'], *a['x_weights'], *a['dt_weights'], *a['dt_biases'],
+              a['A'], a['D'])]
+
+    def fn(xz, conv_weight, conv_bias, *rest):
+        x_w, dt_w, dt_b, (A, D) = rest[:K], rest[K:2 * K], rest[2 * K:3 * K], rest[3 * K:]
+        return scan_numba_grad.mixer_inner_train(xz, conv_weight, conv_bias, list(x_w), list(dt_w), list(dt_b), A,
+                                                 D, a['dt_rank'], divide)
+
+    assert torch.autograd.gradcheck(fn, order, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def vim_mixer(seed=0):
+    torch.manual_seed(seed)
+    return perturb(VisionMamba(img_size=32, patch_size=8, stride=8, embed_dim=32, depth=1, num_classes=10,
+                               rms_norm=True, residual_in_fp32=True, fused_add_norm=True, bimamba_type='v2',
+                               if_cls_token=True, if_divide_out=True, use_middle_cls_token=True)).layers[0].mixer
+
+
+def saved_storages(module, x):
+    """{storage bytes: how many} of the distinct storages autograd keeps for ``module(x)``'s backward."""
+    sizes = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return {n: list(sizes.values()).count(n) for n in set(sizes.values())}
+
+
+def test_vim_mixer_trains_by_the_fused_op_and_keeps_less(kernel_runs):
+    """A plain Vim mixer in training takes ``mamba_inner_fused``: the same output and gradients as its module
+    calls (a hook on x_proj makes the block call them), with neither the conv's output (batch, L, 2 d) nor the two
+    step sizes (batch, L, d) kept for the backward."""
+    mixer = vim_mixer()
+    x = images(2, 19, 32)  # 38 tokens: no weight has the activations' sizes
+    fused_out, fused_grads = output_and_grads(mixer, x)
+    assert 'mixer_backward' in kernel_runs
+    hook_calls = []
+    handle = mixer.x_proj.register_forward_hook(lambda *args: hook_calls.append(1))
+    out, grads = output_and_grads(mixer, x)
+    assert hook_calls == [1]
+    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-7)
+    assert_close_by_name(fused_grads, grads)
+
+    d, tokens = mixer.d_inner, 2 * 19
+    by_calls = saved_storages(mixer, x)
+    handle.remove()
+    fused = saved_storages(mixer, x)
+    xz_bytes, delta_bytes = tokens * 2 * d * 4, tokens * d * 4
+    # xz (and u with the calls); out_proj's input (and the two step sizes with the calls)
+    assert (by_calls[xz_bytes], by_calls[delta_bytes]) == (2, 3)
+    assert (fused[xz_bytes], fused[delta_bytes]) == (1, 1)
+
+
+def test_fused_inner_applies_only_where_the_calls_compute_nothing_else():
+    mixer = vim_mixer()
+    xz = torch.randn(1, 5, 2 * mixer.d_inner)
+    projections = mixer._projections()
+    assert fused_inner_applies(xz, projections)
+    with torch.no_grad():
+        assert not fused_inner_applies(xz, projections)  # inference: the module calls keep nothing anyway
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert not fused_inner_applies(xz, projections)
+    assert not fused_inner_applies(xz.double(), projections)
+    with scan_policy(compiled_cpu=False):
+        assert not fused_inner_applies(xz, projections)
+    for register in ('register_forward_hook', 'register_forward_pre_hook', 'register_full_backward_hook'):
+        handle = getattr(mixer.dt_proj_b, register)(lambda *args: None)
+        assert not fused_inner_applies(xz, projections), register
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not fused_inner_applies(xz, projections)
+    finally:
+        handle.remove()
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(mixer), {torch.nn.Linear})
+    assert not fused_inner_applies(xz, quantized._projections())
+    for p in mixer.parameters():
+        p.requires_grad_(False)
+    assert not fused_inner_applies(xz, projections)
+    assert fused_inner_applies(xz.requires_grad_(), projections)
 
 
 # ---------------------------------------------------------------------------------------------- whole models

@@ -12,12 +12,12 @@ directions, the backward one from the last step), then out_proj. Which implement
 loops, pure PyTorch, Triton, the loop-free export scan) is theirs to decide (``ops.policy``).
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.mamba_inner import mamba_inner_conv, mamba_inner_scan
+from ..ops.mamba_inner import fused_inner_applies, mamba_inner_conv, mamba_inner_fused, mamba_inner_scan
 
 __all__ = ['Mamba', 'check_images']
 
@@ -139,6 +139,26 @@ class Mamba(nn.Module):
         for dt_proj in (self.dt_proj, self.dt_proj_b) if self.bidirectional else (self.dt_proj,):
             self._init_dt_proj(dt_proj, dt_init, dt_scale, dt_min, dt_max, dt_init_floor)
 
+    def _projections(self) -> List[nn.Linear]:
+        """x_proj and dt_proj of each branch, forward first."""
+        pairs = [(self.x_proj, self.dt_proj)] + ([(self.x_proj_b, self.dt_proj_b)] if self.bidirectional else [])
+        return [m for pair in pairs for m in pair]
+
+    @torch.jit.unused
+    def _fuses_inner(self, xz: Tensor) -> bool:
+        """Whether the projections' calls may be left to ``mamba_inner_fused`` (CPU training: it keeps less for the
+        backward; ``fused_inner_applies`` checks that the calls would compute nothing else, hooks included)."""
+        return fused_inner_applies(xz, self._projections())
+
+    @torch.jit.unused
+    def _inner_fused(self, xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], A: Tensor, D: Tensor
+                     ) -> Tensor:
+        projections = self._projections()
+        x_projs, dt_projs = projections[0::2], projections[1::2]
+        return mamba_inner_fused(xz, conv_weight, conv_bias, [m.weight for m in x_projs], [m.weight for m in dt_projs],
+                                 [m.bias for m in dt_projs], A, D, self.dt_rank,
+                                 self.bidirectional and self.if_divide_out)
+
     def _branch(self, conv_bias: bool, factory: dict) -> Tuple[nn.Conv1d, nn.Linear, nn.Linear]:
         d_inner = self.d_inner
         # padding=d_conv-1 as in the official module (it only shows in repr: forward pads causally itself).
@@ -180,15 +200,19 @@ class Mamba(nn.Module):
                 conv_bias = torch.cat([conv_bias, bias_b])
             A = torch.cat([A, -torch.exp(self.A_b_log.float())])
             D = torch.cat([D, self.D_b.float()])
-        u = mamba_inner_conv(xz, conv_weight, conv_bias)  # (B, L, K d_inner), K branches
-        # dt_proj applies its bias in its GEMM (the official kernel adds it inside the scan, in float32: the same
-        # sum in float32 models); module calls keep the projections visible to hooks and quantization.
-        projections = [self.x_proj(u[..., :d_inner])]
-        deltas = [self.dt_proj(projections[0][..., :rank])]
-        if self.bidirectional:
-            projections.append(self.x_proj_b(u[..., d_inner:]))
-            deltas.append(self.dt_proj_b(projections[1][..., :rank]))
-        y = mamba_inner_scan(u, deltas, projections, xz, A, D, None, rank, self.bidirectional and self.if_divide_out)
+        if not torch.jit.is_scripting() and self._fuses_inner(xz):
+            y = self._inner_fused(xz, conv_weight, conv_bias, A, D)
+        else:
+            u = mamba_inner_conv(xz, conv_weight, conv_bias)  # (B, L, K d_inner), K branches
+            # dt_proj applies its bias in its GEMM (the official kernel adds it inside the scan, in float32: the
+            # same sum in float32 models); module calls keep the projections visible to hooks and quantization.
+            projections = [self.x_proj(u[..., :d_inner])]
+            deltas = [self.dt_proj(projections[0][..., :rank])]
+            if self.bidirectional:
+                projections.append(self.x_proj_b(u[..., d_inner:]))
+                deltas.append(self.dt_proj_b(projections[1][..., :rank]))
+            y = mamba_inner_scan(u, deltas, projections, xz, A, D, None, rank,
+                                 self.bidirectional and self.if_divide_out)
         out = self.out_proj(y)
         if self.init_layer_scale is not None:
             out = out * self.gamma

@@ -10,24 +10,32 @@ other tool that works on linear layers sees them); the two ops take the rest:
 * ``mamba_inner_scan``: the gated selective scan of one or both directions, the backward one from the last step,
   summed before the gate silu(z).
 
+For CPU training, ``mamba_inner_fused`` runs conv -> x_proj -> dt_proj -> scan as one op on the projections'
+weights, which keeps only xz, x_proj's outputs and the scan's chunk states for the backward and recomputes the
+rest there (mamba_ssm's ``mamba_inner_fn``): the module calls under autograd keep the conv's output and the step
+sizes of every layer besides (Vim-T: 2 x 768 of its ~4,000 floats per token and layer). The block takes it only
+where ``fused_inner_applies`` says the module calls would compute nothing else: plain ``nn.Linear`` projections
+with no hooks, and a gradient to take by the compiled kernels.
+
 Each op picks its implementation in ``ops.policy.choose_implementation``: the compiled CPU loops of
 ``scan_numba`` for float32 on a CPU (in_proj's batch-major output read in place; under autograd with the compiled
 backward of ``scan_numba_grad``), else plain PyTorch
 (F.conv1d; one ``selective_scan`` call on both directions, the backward one flipped in time and stacked after
 the forward one's channels), differentiable, on any device, with any scan backend.
 """
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .policy import choose_implementation, fx_leaf_call
 from .scan_numba import check_shapes, run_mixer_conv_silu, run_mixer_scan
-from .scan_numba_grad import mixer_conv_silu_train, mixer_scan_train, needs_grad
+from .scan_numba_grad import mixer_conv_silu_train, mixer_inner_train, mixer_scan_train, needs_grad
 from .selective_scan import selective_scan
 
-__all__ = ['mamba_inner_conv', 'mamba_inner_scan', 'mamba_inner_conv_ref', 'mamba_inner_scan_ref']
+__all__ = ['mamba_inner_conv', 'mamba_inner_scan', 'mamba_inner_conv_ref', 'mamba_inner_scan_ref',
+           'mamba_inner_fused', 'mamba_inner_fused_ref', 'fused_inner_applies']
 
 
 def _check_conv_args(xz: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -173,6 +181,73 @@ def _mamba_inner_scan(u: Tensor, deltas: List[Tensor], projections: List[Tensor]
     K = len(deltas)
     y = run_mixer_scan(f32[0], f32[1:1 + K], f32[1 + K:1 + 2 * K], f32[-1], A.float(), D, bias, dt_rank, divide)
     return y.to(u.dtype)
+
+
+def _inner_by_parts(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_weights: Sequence[Tensor],
+                    dt_weights: Sequence[Tensor], dt_biases: Sequence[Optional[Tensor]], A: Tensor, D: Tensor,
+                    dt_rank: int, divide: bool, conv, scan) -> Tensor:
+    """The mixer's inner part as the block's module calls compute it, with the ops ``conv`` and ``scan``."""
+    d = xz.shape[-1] // 2
+    u = conv(xz, conv_weight, conv_bias)
+    projections = [F.linear(u[..., k * d:(k + 1) * d], w) for k, w in enumerate(x_weights)]
+    deltas = [F.linear(p[..., :dt_rank], w, b) for p, w, b in zip(projections, dt_weights, dt_biases)]
+    return scan(u, deltas, projections, xz, A, D, None, dt_rank, divide)
+
+
+def mamba_inner_fused_ref(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_weights: List[Tensor],
+                          dt_weights: List[Tensor], dt_biases: List[Optional[Tensor]], A: Tensor, D: Tensor,
+                          dt_rank: int, divide: bool = False) -> Tensor:
+    """``mamba_inner_fused`` by the reference ops (F.conv1d, F.linear and one ``selective_scan`` call)."""
+    return _inner_by_parts(xz, conv_weight, conv_bias, x_weights, dt_weights, dt_biases, A, D, dt_rank, divide,
+                           mamba_inner_conv_ref, mamba_inner_scan_ref)
+
+
+def mamba_inner_fused(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_weights: List[Tensor],
+                      dt_weights: List[Tensor], dt_biases: List[Optional[Tensor]], A: Tensor, D: Tensor,
+                      dt_rank: int, divide: bool = False) -> Tensor:
+    """The Mamba mixer from in_proj's output to out_proj's input: ``mamba_inner_conv``, x_proj (no bias) and dt_proj
+    of each branch as ``F.linear`` on their weights, and ``mamba_inner_scan`` (no delta_bias: dt_proj has it).
+
+    Args:
+        xz: (batch, L, 2 d) in_proj's output.
+        conv_weight, conv_bias: as ``mamba_inner_conv``'s (K branches stacked).
+        x_weights: K x_proj weights (dt_rank + 2N, d); dt_weights: K dt_proj weights (d, dt_rank); dt_biases: K
+            dt_proj biases (d,) or None.
+        A, D, dt_rank, divide: as ``mamba_inner_scan``'s.
+    Returns:
+        (batch, L, d), equal to the module calls' result. Under autograd on the compiled CPU kernels it keeps only
+        xz, x_proj's outputs and the scan's chunk states; elsewhere it runs the two ops and the GEMMs as the block
+        would.
+    """
+    tensors = (xz, conv_weight, conv_bias, *x_weights, *dt_weights, *dt_biases, A, D)
+    if choose_implementation(tensors, None, compiled_grad=True) == 'compiled' and needs_grad(tensors):
+        return mixer_inner_train(xz, conv_weight, conv_bias, x_weights, dt_weights, dt_biases, A, D, dt_rank, divide)
+    return _inner_by_parts(xz, conv_weight, conv_bias, x_weights, dt_weights, dt_biases, A, D, dt_rank, divide,
+                           mamba_inner_conv, mamba_inner_scan)
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether calling ``module`` computes exactly ``F.linear`` on its weight and bias: an ``nn.Linear`` itself (not
+    a quantized, parametrized or other subclass) with no hooks of its own."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks
+                                               or module._backward_hooks or module._backward_pre_hooks)
+
+
+def fused_inner_applies(xz: Tensor, projections: Sequence[nn.Module]) -> bool:
+    """Whether a Mamba block may compute its inner part by ``mamba_inner_fused`` on its projections' weights instead
+    of calling them: a gradient is to be taken by the compiled kernels (the op's only gain is the memory kept for
+    the backward), in float32 without autocast (the op's GEMMs run in float32, as the calls would), and each
+    projection is a plain ``nn.Linear`` with no module hooks, its own or global, that its call would run (then its
+    call and ``F.linear`` on its weights are the same computation)."""
+    if isinstance(xz, torch.fx.Proxy) or not torch.is_grad_enabled() or torch.is_autocast_enabled(xz.device.type):
+        return False
+    hooks = nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks or not all(_plain_linear(m) for m in projections)):
+        return False
+    tensors = (xz, *(p for m in projections for p in (m.weight, m.bias) if p is not None))
+    return (all(t.dtype == torch.float32 for t in tensors) and needs_grad(tensors)
+            and choose_implementation(tensors, None, compiled_grad=True) == 'compiled')
 
 
 @torch.library.custom_op('mambazoo::mamba_inner_conv', mutates_args=())

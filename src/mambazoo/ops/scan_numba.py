@@ -28,6 +28,8 @@ import ctypes
 import functools
 import math
 import os
+import pickle
+import sys
 import threading
 from typing import Optional, Sequence
 
@@ -544,9 +546,31 @@ class compiled_task:
         if self._cfunc is None:
             with _COMPILING:
                 if self._cfunc is None:
-                    self._cfunc = numba.cfunc(numba_types.void(numba_types.CPointer(numba_types.int64)),
-                                              cache=True)(self.function)
+                    self._cfunc = self._compile()
         return self._cfunc.address
+
+    def _compile(self):
+        signature = numba_types.void(numba_types.CPointer(numba_types.int64))
+        try:
+            return numba.cfunc(signature, cache=True)(self.function)
+        except (AttributeError, ImportError, EOFError, pickle.UnpicklingError):
+            # numba unpickles a function's cache index before it checks the source's time stamp, so an index
+            # written by another version of these files (an upgrade, an edit) that names a class since renamed
+            # fails to load instead of being ignored: empty the indexes and compile afresh, once.
+            _flush_kernel_caches()
+            return numba.cfunc(signature, cache=True)(self.function)
+
+
+def _flush_kernel_caches() -> None:
+    """Empty numba's on-disk cache index of every compiled function in this package's loaded modules."""
+    package = __name__.rpartition('.')[0] + '.'
+    for name, module in list(sys.modules.items()):
+        if not name.startswith(package) or module is None:
+            continue
+        for value in list(vars(module).values()):
+            cache = getattr(value, '_cache', None)
+            if isinstance(value, numba.core.dispatcher.Dispatcher) and hasattr(cache, 'flush'):
+                cache.flush()
 
 
 # The arrays each kernel takes, in order, as (ndim, dtype) for the task's unpacking.

@@ -59,8 +59,9 @@ if numba is not None:
     from .scan_numba import (_exp2, _f1, _f2, _f3, _f4, _fetch_add, _float32_pointer, _mixer_conv_silu_channels,
                              _mixer_scan_channels, _scan_channels, _silu, _softplus, _task_bounds, compiled_task)
 
-__all__ = ['SelectiveScanCompiledFn', 'MixerScanCompiledFn', 'MixerConvCompiledFn', 'selective_scan_train',
-           'mixer_scan_train', 'mixer_conv_silu_train', 'needs_grad', 'CHUNK', 'BLOCK']
+__all__ = ['SelectiveScanCompiledFn', 'MixerScanCompiledFn', 'MixerInnerCompiledFn', 'MixerConvCompiledFn',
+           'selective_scan_train', 'mixer_scan_train', 'mixer_inner_train', 'mixer_conv_silu_train', 'needs_grad',
+           'CHUNK', 'BLOCK']
 
 CHUNK = 32  # time steps between saved states: ceil(L / 32) states kept per scan
 BLOCK = 384  # channels per scratch block, at most (see above)
@@ -674,13 +675,132 @@ def mixer_scan_train(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[
                                      projections[1] if K == 2 else None, xz, A, D, delta_bias, dt_rank, divide)
 
 
+class MixerInnerCompiledFn(torch.autograd.Function):
+    """The Mamba mixer from in_proj's output to out_proj's input (the conv + SiLU, x_proj and dt_proj of one or both
+    branches, and their gated scan) by the compiled loops and torch's GEMMs, keeping for the backward only xz,
+    x_proj's outputs and the scan's chunk states: the conv's output u and the step sizes are recomputed there, as
+    mamba_ssm's ``mamba_inner_fn`` does (checkpoint_lvl=1). Under autograd the module-call path keeps u (K d per
+    token, also held by x_proj) and the step sizes (K d more) for every layer; a recompute costs a conv and the
+    rank-wide dt_proj GEMM. One branch: the ``_b`` arguments None. Returns y (batch, L, d) in xz's dtype."""
+
+    @staticmethod
+    def forward(ctx, xz, conv_weight, conv_bias, x_weight_f, x_weight_b, dt_weight_f, dt_weight_b, dt_bias_f,
+                dt_bias_b, A, D, dt_rank, divide):
+        batch, length, two_d = xz.shape
+        d, N, K = two_d // 2, A.shape[1], 1 if x_weight_b is None else 2
+        R = dt_rank
+        expected = {'conv_weight': (conv_weight, (K * d, 1, conv_weight.shape[-1])), 'A': (A, (K * d, N)),
+                    'D': (D, (K * d,)), 'conv_bias': (conv_bias, (K * d,))}
+        for suffix, xw, dw, db in (('f', x_weight_f, dt_weight_f, dt_bias_f), ('b', x_weight_b, dt_weight_b,
+                                                                             dt_bias_b)):
+            expected.update({f'x_weight_{suffix}': (xw, (R + 2 * N, d)), f'dt_weight_{suffix}': (dw, (d, R)),
+                             f'dt_bias_{suffix}': (db, (d,))})
+        check_shapes('MixerInnerCompiledFn', {k: v for k, v in expected.items() if v[0] is not None})
+        if (x_weight_b is None) != (dt_weight_b is None):
+            raise ValueError('MixerInnerCompiledFn: the backward branch needs both its x_proj and dt_proj weights')
+        inputs = (xz, conv_weight, conv_bias, x_weight_f, x_weight_b, dt_weight_f, dt_weight_b, dt_bias_f,
+                  dt_bias_b, A, D)
+        ct = compute_dtype(*inputs)
+        xz_c = xz.to(ct).contiguous()
+        conv_w_t = conv_weight[:, 0, :].t().to(ct).contiguous()
+        conv_b = conv_bias.to(ct).contiguous() if conv_bias is not None else conv_w_t.new_zeros(K * d)
+        x_weights = [w.to(ct) for w in (x_weight_f, x_weight_b)[:K]]
+        dt_weights = [w.to(ct) for w in (dt_weight_f, dt_weight_b)[:K]]
+        dt_biases = [b.to(ct) if b is not None else None for b in (dt_bias_f, dt_bias_b)[:K]]
+        u = _mixer_conv(xz_c, conv_w_t, conv_b)
+        # the module path's calls (x_proj on u's branch view, dt_proj on the projections' first R), so its outputs
+        projections = [torch.nn.functional.linear(u[..., k * d:(k + 1) * d], x_weights[k]) for k in range(K)]
+        deltas = _step_sizes(projections, dt_weights, dt_biases, R)
+        A2t, D_c, bias = _parameters(A, D, None, ct)
+        y = torch.empty(batch, length, d, dtype=ct)
+        states = torch.empty(-(-length // CHUNK), batch, N, K * d, dtype=ct)
+        flags = (R, int(divide) | CHUNK << 1)
+        activations = [u, deltas[0], deltas[-1], projections[0], projections[-1], xz_c]
+        _run('mixer_train', activations + [A2t, D_c, bias, y, states], flags, d, _tasks(d, batch * length * K * d * N,
+                                                                                      ct))
+        ctx.save_for_backward(xz_c, conv_w_t, conv_b, *x_weights, *dt_weights, *dt_biases, *projections, A2t, D_c,
+                              bias, states)
+        ctx.flags, ctx.K = flags, K
+        ctx.dtypes = _dtypes(*inputs) + (None, None)
+        return y.to(xz.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        K = ctx.K
+        xz, conv_w_t, conv_b, *rest = ctx.saved_tensors
+        x_weights, dt_weights, dt_biases, projections = (rest[i * K:(i + 1) * K] for i in range(4))
+        A2t, D_c, bias, states = rest[4 * K:]
+        batch, length, two_d = xz.shape
+        d, N, R, ct = two_d // 2, A2t.shape[0], ctx.flags[0], xz.dtype
+        u = _mixer_conv(xz, conv_w_t, conv_b)
+        deltas = _step_sizes(projections, dt_weights, dt_biases, R)
+        tasks = _tasks(d, batch * length * K * d * N, ct)
+        gu = torch.empty_like(u)
+        gdeltas = [torch.empty_like(delta) for delta in deltas]
+        gproj = projections[0].new_zeros(tasks, K, *projections[0].shape)
+        gxz = torch.zeros_like(xz)
+        gA2t, gD, gbias = torch.empty_like(A2t), torch.empty_like(D_c), torch.empty_like(bias)
+        _run('mixer_backward', [u, deltas[0], deltas[-1], projections[0], projections[-1], xz, A2t, D_c, bias, states,
+                                gy.to(ct).contiguous(), gu, gdeltas[0], gdeltas[-1], gproj, gxz, gA2t, gD, gbias],
+             ctx.flags, d, tasks)
+        gproj = gproj.sum(0) if tasks > 1 else gproj[0]  # (K, batch, L, R + 2N): dB and dC so far
+        g_x_weights, g_dt_weights, g_dt_biases = [], [], []
+        for k in range(K):
+            g_delta = gdeltas[k].view(-1, d)
+            g_proj = gproj[k].view(-1, R + 2 * N)
+            rows = projections[k].view(-1, R + 2 * N)
+            g_dt_weights.append(g_delta.t() @ rows[:, :R])
+            g_dt_biases.append(g_delta.sum(0))
+            g_proj[:, :R] = g_delta @ dt_weights[k]
+            u_k = u[..., k * d:(k + 1) * d].reshape(-1, d)  # a view: u is contiguous
+            g_x_weights.append(g_proj.t() @ u_k)
+            gu[..., k * d:(k + 1) * d] += (g_proj @ x_weights[k]).view(batch, length, d)
+        g_conv_w_t, g_conv_b = torch.empty_like(conv_w_t), torch.empty_like(conv_b)
+        # the conv's backward adds x's gradient into gxz, whose z half the scan's backward wrote
+        _run('conv_backward', [xz, conv_w_t, conv_b, gu, gxz, g_conv_w_t, g_conv_b], (), d,
+             _tasks(d, batch * length * conv_w_t.shape[1], ct))
+        pad = [None] * (2 - K)
+        return _grads(ctx.needs_input_grad, ctx.dtypes,
+                      (gxz, g_conv_w_t.t().unsqueeze(1), g_conv_b, *g_x_weights, *pad, *g_dt_weights, *pad,
+                       *g_dt_biases, *pad, gA2t.t(), gD, None, None))
+
+
+def _mixer_conv(xz: Tensor, w_t: Tensor, bias: Tensor) -> Tensor:
+    """silu(conv) of xz's x half, both branches (batch, L, K d), by the inference kernel, split by out channels."""
+    batch, length, channels = xz.shape[0], xz.shape[1], w_t.shape[1]
+    out = torch.empty(batch, length, channels, dtype=xz.dtype)
+    _run('conv', [xz, w_t, bias, out], (), channels, _tasks(channels, batch * length * channels, xz.dtype))
+    return out
+
+
+def _step_sizes(projections: Sequence[Tensor], dt_weights: Sequence[Tensor], dt_biases: Sequence[Optional[Tensor]],
+                rank: int) -> list:
+    """dt_proj of each branch's first ``rank`` projections (before softplus), contiguous (batch, L, d)."""
+    return [torch.nn.functional.linear(p[..., :rank], w, b).contiguous()
+            for p, w, b in zip(projections, dt_weights, dt_biases)]
+
+
+def mixer_inner_train(xz: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], x_weights: Sequence[Tensor],
+                      dt_weights: Sequence[Tensor], dt_biases: Sequence[Optional[Tensor]], A: Tensor, D: Tensor,
+                      dt_rank: int, divide: bool = False) -> Tensor:
+    """``mamba_inner_fused`` by the compiled loops under autograd (its arguments; ``mamba_inner`` calls it)."""
+    K = len(x_weights)
+    if K not in (1, 2) or len(dt_weights) != K or len(dt_biases) != K:
+        raise ValueError(f'mixer_inner_train: one or two branches, got {K} x_proj, {len(dt_weights)} dt_proj weights '
+                         f'and {len(dt_biases)} biases')
+    second = (lambda seq: seq[1]) if K == 2 else (lambda seq: None)
+    return MixerInnerCompiledFn.apply(xz, conv_weight, conv_bias, x_weights[0], second(x_weights), dt_weights[0],
+                                      second(dt_weights), dt_biases[0], second(dt_biases), A, D, dt_rank, divide)
+
+
 class MixerConvCompiledFn(torch.autograd.Function):
     """``mamba_inner_conv`` (silu of the depthwise causal conv, and Vim's anti-causal one) by the compiled loops,
     with their backward (the conv is recomputed there: nothing but the inputs is kept)."""
 
     @staticmethod
     def forward(ctx, xz, weight, bias):
-        batch, length, two_d = xz.shape
+        two_d = xz.shape[-1]
         d = two_d // 2
         if two_d % 2 or weight.dim() != 3 or weight.shape[0] not in (d, two_d) or weight.shape[1] != 1:
             raise ValueError(f'MixerConvCompiledFn: weight must be (d or 2 d, 1, k) for xz of {two_d} = 2 d '
@@ -692,9 +812,7 @@ class MixerConvCompiledFn(torch.autograd.Function):
         xz_c = xz.to(ct).contiguous()
         w_t = weight[:, 0, :].t().to(ct).contiguous()
         bias_c = bias.to(ct).contiguous() if bias is not None else w_t.new_zeros(channels)
-        out = torch.empty(batch, length, channels, dtype=ct)
-        # the inference kernel (nothing to keep for the backward), split by out channels
-        _run('conv', [xz_c, w_t, bias_c, out], (), channels, _tasks(channels, batch * length * channels, ct))
+        out = _mixer_conv(xz_c, w_t, bias_c)  # nothing to keep for the backward
         ctx.save_for_backward(xz_c, w_t, bias_c)
         ctx.dtypes = _dtypes(xz, weight, bias)
         return out.to(xz.dtype)
