@@ -49,8 +49,8 @@ def expected_tasks(threads, units):
 
 SCAN_CASES = [
     # batch, dim, L, N, form of B and C, options
-    (1, 32, 150, 16, 'var', {}),  # five chunks (CHUNK = 32), the last one partial
-    (3, 40, 64, 4, 2, {}),  # whole chunks; two groups; 40 channels: not whole 16-channel blocks per thread
+    (1, 32, 150, 16, 'var', {}),  # three chunks (CHUNK = 64), the last one partial
+    (3, 40, 128, 4, 2, {}),  # whole chunks; two groups; 40 channels: not whole 16-channel blocks per thread
     (2, 24, 20, 1, 4, {'z': False}),  # N = 1, four groups (VMamba's directions); L < chunk
     (3, 16, 1, 16, 'var', {}),  # one step
     (1, 400, 70, 8, 'var', {'z': False}),  # MambaVision's mixer: no gate; two channel blocks (BLOCK = 384)
@@ -155,8 +155,8 @@ def test_inference_keeps_no_states(kernel_runs, monkeypatch):
 
 MIXER_CASES = [
     # batch, L, d, N, branches, divide, conv bias
-    (3, 150, 40, 16, 2, True, True),  # Vim: five chunks, the last partial; channels not whole 16-blocks per thread
-    (1, 64, 32, 16, 2, False, False),  # whole chunks
+    (3, 150, 40, 16, 2, True, True),  # Vim: three chunks, the last partial; channels not whole 16-blocks per thread
+    (1, 128, 32, 16, 2, False, False),  # whole chunks
     (2, 20, 16, 1, 1, False, True),  # one branch (the hybrids' and Mamba's); N = 1; L < chunk
     (3, 1, 16, 4, 2, True, True),  # one step
     (1, 70, 400, 4, 1, False, False),  # two channel blocks in one thread
