@@ -521,13 +521,13 @@ def select_train_targets(names: Optional[Sequence[str]]) -> List[TrainTarget]:
 
 
 def measure_training(targets: Sequence[TrainTarget], batches: Sequence[int], warmup: int, repeats: int,
-                     start: float) -> Dict[int, Dict[str, Tuple[float, Optional[float]]]]:
-    """Per batch, per row key: (median step seconds, peak memory growth MiB) from
-    ``mambazoo.analysis.benchmark.measure_training_step`` (``mambazoo benchmark --train``'s step), each model built
-    as for the latency rows, measured, and dropped before the next."""
+                     start: float) -> Dict[int, Dict[str, Tuple[float, Optional[float], float]]]:
+    """Per batch, per row key: (median step seconds, peak memory growth MiB, activations kept for the backward MiB)
+    from ``mambazoo.analysis.benchmark.measure_training_step`` (``mambazoo benchmark --train``'s step) and
+    ``saved_activation_bytes``, each model built as for the latency rows, measured, and dropped before the next."""
     import gc
-    from mambazoo.analysis.benchmark import measure_training_step
-    results: Dict[int, Dict[str, Tuple[float, Optional[float]]]] = {}
+    from mambazoo.analysis.benchmark import measure_training_step, saved_activation_bytes
+    results: Dict[int, Dict[str, Tuple[float, Optional[float], float]]] = {}
     for batch in batches:
         results[batch] = {}
         for target in targets:
@@ -535,13 +535,15 @@ def measure_training(targets: Sequence[TrainTarget], batches: Sequence[int], war
                 if key in results[batch]:
                     continue
                 model = build(ROW_BY_KEY[key])
-                results[batch][key] = measure_training_step(model, batch, SIZE, 'cpu', warmup=warmup, iters=repeats)
+                seconds, mb = measure_training_step(model, batch, SIZE, 'cpu', warmup=warmup, iters=repeats)
+                saved = saved_activation_bytes(model, torch.randn(batch, 3, SIZE, SIZE)) / 2 ** 20
+                model.eval()
+                results[batch][key] = seconds, mb, saved
                 del model
                 gc.collect()
-                seconds, mb = results[batch][key]
                 print(f'# trained {ROW_BY_KEY[key].label} at batch {batch}: {seconds * 1e3:.0f} ms/step, peak '
-                      f'{mb if mb is None else round(mb, 1)} MB ({time.perf_counter() - start:.0f} s so far)',
-                      flush=True)
+                      f'{mb if mb is None else round(mb, 1)} MB, {saved:.1f} MB kept for the backward '
+                      f'({time.perf_counter() - start:.0f} s so far)', flush=True)
     return results
 
 
@@ -768,34 +770,37 @@ def run_training(args: argparse.Namespace, targets: Sequence[TrainTarget], limit
     print(f'# training: forward + cross-entropy + backward + AdamW, float32, {SIZE}x{SIZE}, batch '
           f'{", ".join(map(str, args.train_batches))}; median of {args.train_repeats} steps after '
           f'{args.train_warmup} untimed (mambazoo.analysis.benchmark.measure_training_step, as `mambazoo benchmark '
-          f'--train`); peak memory: growth of the RSS high-water mark during one more step', flush=True)
+          f'--train`); peak memory: growth of the RSS high-water mark during one more step; kept: the activations '
+          f'autograd keeps for the backward (saved_activation_bytes: distinct storages, parameters not counted; '
+          f'what the peak holds whatever the allocator)', flush=True)
     measured = measure_training(targets, args.train_batches, args.train_warmup, args.train_repeats, start)
     keys = [row.key for row in ROWS if any(row.key in (t.ours, t.peer) for t in targets)]
     macs = {key: macs_per_image(ROW_BY_KEY[key]) for key in keys}
     peak = limits.gemm_gmacs if limits is not None else None
 
     print()
-    print('| model | batch | step ms | img/s | peak MB | GMAC/s (3x forward MACs; of the GEMM peak) |')
-    print('|---|---|---|---|---|---|')
+    print('| model | batch | step ms | img/s | peak MB | kept MB | GMAC/s (3x forward MACs; of the GEMM peak) |')
+    print('|---|---|---|---|---|---|---|')
     rows = []
     for batch in args.train_batches:
         for key in keys:
-            seconds, mb = measured[batch][key]
+            seconds, mb, saved = measured[batch][key]
             rate = _gmacs(macs[key] and 3 * batch * macs[key], seconds)
             rows.append(dict(key=key, label=ROW_BY_KEY[key].label, batch=batch, step_ms=seconds * 1e3,
-                             images_per_s=batch / seconds, peak_mb=mb, gmacs_per_s=rate))
+                             images_per_s=batch / seconds, peak_mb=mb, saved_mb=saved, gmacs_per_s=rate))
             print(f'| {ROW_BY_KEY[key].label} | {batch} | {seconds * 1e3:.0f} | {batch / seconds:.2f} | '
-                  f'{"-" if mb is None else f"{mb:.0f}"} | {_rate_cell(rate, peak)} |')
+                  f'{"-" if mb is None else f"{mb:.0f}"} | {saved:.0f} | {_rate_cell(rate, peak)} |')
 
     print()
     print('| training target | batch | ours ms | peer ms | time ratio | required | ours MB | peer MB | memory ratio '
-          '| required | met |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
+          '| required | kept ratio | met (time, peak memory) |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
     results = []
     for batch in args.train_batches:
         for t in targets:
-            (ours_s, ours_mb), (peer_s, peer_mb) = measured[batch][t.ours], measured[batch][t.peer]
-            time_ratio = ours_s / peer_s
+            ours_s, ours_mb, ours_kept = measured[batch][t.ours]
+            peer_s, peer_mb, peer_kept = measured[batch][t.peer]
+            time_ratio, kept_ratio = ours_s / peer_s, ours_kept / peer_kept
             memory_ratio = ours_mb / peer_mb if ours_mb is not None and peer_mb else None
             time_met = None if t.time_limit is None else time_ratio <= t.time_limit
             memory_met = None if t.memory_limit is None or memory_ratio is None else memory_ratio <= t.memory_limit
@@ -807,12 +812,12 @@ def run_training(args: argparse.Namespace, targets: Sequence[TrainTarget], limit
                 verdict = 'met' if not missed else f'NOT met ({", ".join(missed)})'
             results.append(dict(ours=t.ours, peer=t.peer, batch=batch, time_ratio=time_ratio,
                                 time_limit=t.time_limit, memory_ratio=memory_ratio, memory_limit=t.memory_limit,
-                                met=all(checks) if checks else None))
+                                kept_ratio=kept_ratio, met=all(checks) if checks else None))
             print(f'| {t.ours} / {ROW_BY_KEY[t.peer].label} | {batch} | {ours_s * 1e3:.0f} | {peer_s * 1e3:.0f} | '
                   f'{time_ratio:.2f}x | {"-" if t.time_limit is None else f"<= {t.time_limit:g}x"} | '
                   f'{"-" if ours_mb is None else f"{ours_mb:.0f}"} | {"-" if peer_mb is None else f"{peer_mb:.0f}"} | '
                   f'{"-" if memory_ratio is None else f"{memory_ratio:.2f}x"} | '
-                  f'{"-" if t.memory_limit is None else f"<= {t.memory_limit:g}x"} | {verdict} |')
+                  f'{"-" if t.memory_limit is None else f"<= {t.memory_limit:g}x"} | {kept_ratio:.2f}x | {verdict} |')
     return dict(train=rows, train_targets=results)
 
 

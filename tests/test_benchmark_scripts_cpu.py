@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / 'benchmarks'
 SCRIPT = BENCHMARKS / 'cpu_latency.py'
@@ -57,8 +59,10 @@ def test_cpu_latency_training_rows(tmp_path):
     data = json.loads(report.read_text())
     _check_limits(out, data['machine_limits'])
     assert [(r['key'], r['batch']) for r in data['train']] == [('timm:convnext_tiny', 2), ('mambavision_tiny', 2)]
-    assert all(r['step_ms'] > 0 and r['gmacs_per_s'] > 0 for r in data['train'])
+    assert all(r['step_ms'] > 0 and r['gmacs_per_s'] > 0 and r['saved_mb'] > 0 for r in data['train'])
     target, = data['train_targets']
+    kept = {r['key']: r['saved_mb'] for r in data['train']}
+    assert target['kept_ratio'] == pytest.approx(kept['mambavision_tiny'] / kept['timm:convnext_tiny'])
     assert (target['ours'], target['peer'], target['batch'], target['time_limit']) == (
         'mambavision_tiny', 'timm:convnext_tiny', 2, 1.0)
     assert target['time_ratio'] > 0 and target['met'] in (True, False)

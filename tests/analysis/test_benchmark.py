@@ -4,11 +4,13 @@ from dataclasses import fields
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import TINY_MAMBAVISION
 from mambazoo.analysis import benchmark
 from mambazoo.analysis.benchmark import (BenchmarkResult, PeakMemory, benchmark_report, create_any_model,
-                                         format_benchmark_table, measure_training_step, run_benchmark)
+                                         format_benchmark_table, measure_training_step, run_benchmark,
+                                         saved_activation_bytes)
 
 MEASURED = ('params_m', 'gflops', 'infer_images_per_s', 'infer_ms_per_batch', 'latency_ms', 'infer_peak_memory_mb',
             'train_images_per_s', 'train_ms_per_step', 'train_peak_memory_mb')
@@ -69,6 +71,17 @@ def test_cpu_peak_memory_sees_an_allocation():
         block = torch.ones(32 * 2 ** 20 // 4)  # 32 MiB, touched
         del block
     assert 30 <= mem.mb < 200
+
+
+def test_saved_activation_bytes_counts_what_autograd_keeps():
+    """Linear keeps its input (for its weight's gradient), ReLU its output; the weights are not counted, a storage
+    kept twice counts once, and the model's mode is restored."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval()
+    x = torch.randn(3, 4)
+    assert saved_activation_bytes(model, x) == (3 * 4 + 3 * 8) * 4
+    assert not model.training
+    twice = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Tanh())  # tanh keeps its output
+    assert saved_activation_bytes(twice, x) == (3 * 4 + 3 * 4 + 3 * 4) * 4
 
 
 def test_training_step_measured_and_shared_with_the_benchmark(monkeypatch):

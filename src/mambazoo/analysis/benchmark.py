@@ -36,7 +36,7 @@ from ..models import create_any_model
 from ..runtime import optimize_for_cpu
 
 __all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'measure_training_step', 'run_benchmark',
-           'format_benchmark_table', 'benchmark_report', 'PeakMemory']
+           'format_benchmark_table', 'benchmark_report', 'PeakMemory', 'saved_activation_bytes']
 
 DEFAULT_SWEEP = (224, 512, 640, 768, 1024, 1248)
 
@@ -245,6 +245,29 @@ def measure_training_step(
         del optimizer
         model.eval()
     return seconds, mem.mb
+
+
+def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the distinct storages that autograd keeps for the backward of ``model(x)`` in training mode, the
+    model's own parameters and buffers not counted: the activation memory of a training step, whatever the memory
+    allocator makes of it (glibc's heap can hold a third more than this at its peak, in freed holes between live
+    blocks). The model is left in the mode it was in."""
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    kept: Dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in owned:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+    finally:
+        model.train(was_training)
+    return sum(kept.values())
 
 
 def _error_text(e: BaseException) -> str:
