@@ -101,17 +101,21 @@ def test_task_ranges_are_whole_simd_blocks_covering_every_unit():
 
 
 @pytest.mark.skipif(scan_numba._gomp_parallel() is None, reason="PyTorch does not use libgomp here")
-@pytest.mark.parametrize('name', ['scan', 'cross', 'cross_one_image', 'conv', 'mixer'])
+@pytest.mark.parametrize('name', ['scan', 'scan_one_image', 'scan_wide', 'cross', 'cross_one_image', 'conv', 'mixer'])
 def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
     """Above MIN_PARALLEL_WORK, every kernel runs as tasks in PyTorch's OpenMP threads; same results as one
-    (the cross scan of one image is split by directions: their outputs are then added in another order)."""
+    (the cross scan of one image is split by directions: their outputs are then added in another order). The scan
+    of a batch with few channels (a thread's 36 x N = 4 states: under SCAN_BATCH_SPLIT_BELOW) is split by its
+    elements, of one image or of many channels (400 x 4) by channels."""
     from mambazoo.ops import cross_selective_scan
     regions = []
     real = scan_numba._gomp_parallel()
     monkeypatch.setattr(scan_numba, '_gomp_parallel', lambda: lambda *a: regions.append(a[2]) or real(*a))
     monkeypatch.setattr(scan_numba, 'MIN_PARALLEL_WORK', 1)
-    if name == 'scan':
-        inputs = cast(make_inputs(2, 72, 40, 4, seed=12), torch.float32)
+    launches = spy(monkeypatch, scan_numba, '_launch', lambda kernel, arrays, flags, units, *_: (kernel, flags, units))
+    if name.startswith('scan'):
+        batch, dim = (1 if name == 'scan_one_image' else 3), (800 if name == 'scan_wide' else 72)
+        inputs = cast(make_inputs(batch, dim, 40, 4, z=True, seed=12), torch.float32)
         run = lambda: selective_scan(**inputs, delta_softplus=True)  # noqa: E731
     elif name.startswith('cross'):
         inputs = _cross_inputs(1 if name == 'cross_one_image' else 2, 5, 4, 48, 4, 2, seed=13)
@@ -138,6 +142,10 @@ def test_calls_split_in_pytorchs_openmp_threads(name, monkeypatch):
         assert_rel_close(split, single, 1e-6)
     else:
         assert torch.equal(split, single)
+    if name == 'scan':  # the gate's bit, and the split's by batch elements, over the 3 of them; one thread: channels
+        assert [(f[1], units) for _, f, units in launches] == [(1 | scan_numba.SCAN_BY_BATCH, 3), (1, 72)]
+    elif name.startswith('scan'):
+        assert [(f[1], units) for _, f, units in launches] == [(1, dim), (1, dim)]
 
 
 def test_importing_the_kernels_compiles_no_task():

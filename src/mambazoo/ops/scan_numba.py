@@ -151,8 +151,8 @@ if numba is not None:
                 acc[j] += state * c
 
     @numba.njit(nogil=True, cache=True, fastmath={'contract'}, error_model='numpy')
-    def _scan_channels(u, delta, z, A2t, B, C, D, bias, h, y, states, softplus, gate, chunk, c0, c1):
-        """The whole scan for channels [c0, c1), every batch and step.
+    def _scan_channels(u, delta, z, A2t, B, C, D, bias, h, y, states, softplus, gate, chunk, c0, c1, i0, i1):
+        """The whole scan for channels [c0, c1) of batch elements [i0, i1), every step.
 
         u, delta, z, y: (L, batch, dim) (z unused unless ``gate``). A2t: (N, dim) = A^T * log2(e).
         B, C: (L, batch, G, N), channel j in group j // (dim // G). D, bias: (dim,) (zeros when absent).
@@ -161,7 +161,7 @@ if numba is not None:
         chunk, 2 chunk ..., what ``scan_numba_grad``'s backward recomputes each chunk from.
         Float32 from the launcher; a float64 call compiles a float64 twin (the backward's gradcheck).
         """
-        length, batch, dim = u.shape
+        length, dim = u.shape[0], u.shape[2]
         groups, N = B.shape[2], B.shape[3]
         per_group = dim // groups
         for g in range(groups):
@@ -175,7 +175,7 @@ if numba is not None:
             step = np.empty(width, u.dtype)  # delta after bias and softplus
             step_u = np.empty(width, u.dtype)  # delta * u
             acc = np.empty(width, u.dtype)
-            for i in range(batch):
+            for i in range(i0, i1):
                 state[:] = h[i, :, lo:hi]
                 for t in range(length):
                     if states is not None:  # training (numba drops the branch in inference's specialisation)
@@ -378,7 +378,13 @@ def run_scan_kernel(u: Tensor, delta: Tensor, z: Optional[Tensor], A: Tensor, B:
     gate = z is not None
     # C-contiguous arrays: numba compiles (and vectorises) one specialisation for them
     arrays = [x.contiguous().numpy() for x in (u, delta, z if gate else u, A2t, B, C, D, bias, h, y)]
-    _launch('scan', arrays, (delta_softplus, gate), dim, _thread_count(length * batch * dim * N))
+    # The split: by channels, unless a thread's share of a step would be small (under SCAN_BATCH_SPLIT_BELOW state
+    # updates) and there are batch elements enough: then by them (a thread runs every channel of its elements, its
+    # per-step costs spread over longer rows). Either way a task writes a range of its own.
+    threads = _thread_count(length * batch * dim * N)
+    by_batch = threads > 1 and batch >= threads and dim // threads * N < SCAN_BATCH_SPLIT_BELOW
+    _launch('scan', arrays, (delta_softplus, int(gate) | SCAN_BY_BATCH * by_batch), batch if by_batch else dim,
+            threads, 1 if by_batch else 16)
 
 
 def scan_kernel_takes(B: Tensor, C: Tensor) -> bool:
@@ -527,6 +533,12 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
 
 MIN_PARALLEL_WORK = 65536  # below, one thread: the parallel region's start costs more than it saves
 CROSS_BY_CHANNELS, CROSS_BY_BATCH, CROSS_BY_DIRECTION = 0, 1, 2  # how a cross-scan call is split
+SCAN_BY_BATCH = 2  # the scan's second flag: gate | SCAN_BY_BATCH where a call is split by batch elements
+# Two threads on the scan kernel's time-major calls, 2-core Zen 4, best of 5 rounds (speed-up by channels / by batch
+# elements; share = a thread's channels x N): MambaVision-T stage 3 (160 channels, N 8, share 640) b8 1.22x / 1.47x
+# and 1.53x / 1.93x in two runs, b32 1.58x / 1.95x; stage 4 (320, N 8, share 1280) b8 1.62x / 1.85x; 192 channels,
+# N 16 (share 1536) b8 1.61x / 1.51x and 2.64x / 1.93x; 768 channels, N 16 (share 6144) b8 1.98x / 1.95x.
+SCAN_BATCH_SPLIT_BELOW = 1536
 
 _COMPILING = threading.Lock()  # threads may launch a kernel for the first time at once
 
@@ -640,11 +652,15 @@ if numba is not None:
     # data: [task counter, tasks, channels, flag, flag, arrays as in _KERNEL_ARRAYS...]; offsets follow from it.
     @compiled_task
     def _scan_task(data):
-        c0, c1 = _task_range(data, 16)
-        if c0 < c1:
-            _scan_channels(_f3(data, 5), _f3(data, 9), _f3(data, 13), _f2(data, 17), _f4(data, 20), _f4(data, 25),
+        u = _f3(data, 5)
+        if data[4] & 2:  # split by batch elements (SCAN_BY_BATCH)
+            (i0, i1), (c0, c1) = _task_range(data, 1), (0, u.shape[2])
+        else:
+            (c0, c1), (i0, i1) = _task_range(data, 16), (0, u.shape[1])
+        if c0 < c1 and i0 < i1:
+            _scan_channels(u, _f3(data, 9), _f3(data, 13), _f2(data, 17), _f4(data, 20), _f4(data, 25),
                            _f1(data, 30), _f1(data, 32), _f3(data, 34), _f3(data, 38), None, data[3] != 0,
-                           data[4] != 0, 0, c0, c1)
+                           data[4] & 1 != 0, 0, c0, c1, i0, i1)
 
     @numba.njit(inline='always')
     def _cross_task_ranges(data, batch, K, dim):

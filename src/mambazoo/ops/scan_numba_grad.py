@@ -443,9 +443,10 @@ if numba is not None:
         o = _SCAN_TRAIN
         c0, c1 = _task_bounds(_fetch_add(data, 1), data[1], data[2], 16)
         if c0 < c1:
-            _scan_channels(_f3(data, o[0]), _f3(data, o[1]), _f3(data, o[2]), _f2(data, o[3]), _f4(data, o[4]),
+            u = _f3(data, o[0])
+            _scan_channels(u, _f3(data, o[1]), _f3(data, o[2]), _f2(data, o[3]), _f4(data, o[4]),
                            _f4(data, o[5]), _f1(data, o[6]), _f1(data, o[7]), _f3(data, o[8]), _f3(data, o[9]),
-                           _f4(data, o[10]), data[3] & 1 != 0, data[3] & 2 != 0, data[4], c0, c1)
+                           _f4(data, o[10]), data[3] & 1 != 0, data[3] & 2 != 0, data[4], c0, c1, 0, u.shape[1])
 
     @compiled_task
     def scan_backward_task(data):
@@ -512,7 +513,7 @@ def _run(name: str, tensors: Sequence[Tensor], flags: tuple, units: int, tasks: 
         return
     a, f0, f1 = arrays, flags[0] if flags else 0, flags[1] if len(flags) > 1 else 0
     if name == 'scan_train':
-        _scan_channels(*a, f0 & 1 != 0, f0 & 2 != 0, f1, 0, units)
+        _scan_channels(*a, f0 & 1 != 0, f0 & 2 != 0, f1, 0, units, 0, a[0].shape[1])
     elif name == 'scan_backward':
         _scan_backward_channels(*a[:17], a[17][0], a[18][0], f0 & 1 != 0, f0 & 2 != 0, f1, 0, units)
     elif name == 'mixer_train':
