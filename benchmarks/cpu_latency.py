@@ -48,15 +48,18 @@ Training rows (``--only train`` for these alone, ``--only infer`` to skip them):
 on random labels, backward, AdamW) at ``--train-batches`` (8; add 32 for the issue's second size), 224x224,
 float32, ours against the peer its issue target names (vim_tiny / deit_tiny, vmamba_tiny / swin_tiny,
 mambavision_tiny / convnext_tiny; hybrid_tiny / deit_tiny and mambaout_tiny / timm's mambaout_tiny as extras
-without an issue target), each model built as for the latency rows and measured by
-``mambazoo.analysis.benchmark.measure_training_step``: the very function behind ``mambazoo benchmark --train``,
-so the two agree by construction (``mambazoo benchmark --model vim_tiny --baseline deit_tiny_patch16_224 --train
---batch-size 8 --threads 2 --warmup 1 --iters 3`` times the same step on the same models, and adds inference
-columns). Median of ``--train-repeats`` steps after ``--train-warmup`` untimed ones, and the peak memory growth of
-one more step in this process (RSS high-water mark above the weights and AdamW's state, ``PeakMemory``), model by
-model (each built, measured and dropped in turn; a peer two targets share is measured once per batch). Achieved
-GMAC/s of a step counts 3x the forward's multiply-adds (forward, and backward's two products per layer). Then the
-training targets: step time ratio (ours / peer) and peak memory ratio (<= 1.5x), met / NOT met. Training steps are
+without an issue target), the two models of a pair built as for the latency rows and their steps taking turns
+(``mambazoo.analysis.benchmark.TrainingStep``: the very step behind ``mambazoo benchmark --train``, so the two
+agree by construction; ``mambazoo benchmark --model vim_tiny --baseline deit_tiny_patch16_224 --train
+--batch-size 8 --threads 2 --warmup 1 --iters 3`` times the same step on the same models, one model after the other,
+and adds inference columns). Median of ``--train-repeats`` steps each after ``--train-warmup`` untimed ones, a step
+of one model then one of the other, so that a ratio compares the same minutes of a machine whose speed drifts (this
+VM's moved by a third within minutes); then the peak memory growth of one more step of each in this process (RSS
+high-water mark above the weights and AdamW's state, ``PeakMemory``) and the activations each keeps for the backward
+(``saved_activation_bytes``). A peer of two pairs (deit_tiny) is measured with each; the per-model table shows its
+first pair's figures. Achieved GMAC/s of a step counts 3x the forward's multiply-adds (forward, and backward's two
+products per layer). Then the training targets: step time ratio (ours / peer), peak memory ratio (<= 1.5x) and the
+ratio of what they keep, met / NOT met on the first two. Training steps are
 slow on 2 cores: when these rows were written (the scan's backward in PyTorch, a loaded machine) vim_tiny's batch-8
 step took ~45 s, deit_tiny's 0.6 s, hybrid_tiny's 12 s, the others' 3-8 s.
 
@@ -520,31 +523,56 @@ def select_train_targets(names: Optional[Sequence[str]]) -> List[TrainTarget]:
     return [t for t in TRAIN_TARGETS if t.ours in names]
 
 
+Measured = Tuple[float, Optional[float], float]  # median step seconds, peak memory growth MiB, kept MiB
+
+
 def measure_training(targets: Sequence[TrainTarget], batches: Sequence[int], warmup: int, repeats: int,
-                     start: float) -> Dict[int, Dict[str, Tuple[float, Optional[float], float]]]:
-    """Per batch, per row key: (median step seconds, peak memory growth MiB, activations kept for the backward MiB)
-    from ``mambazoo.analysis.benchmark.measure_training_step`` (``mambazoo benchmark --train``'s step) and
-    ``saved_activation_bytes``, each model built as for the latency rows, measured, and dropped before the next."""
+                     start: float) -> Dict[int, Dict[Tuple[str, str], Dict[str, Measured]]]:
+    """Per batch, per training pair (ours, peer), per row key: (median step seconds, peak memory growth MiB,
+    activations kept for the backward MiB). The pair's two models are built as for the latency rows and their steps
+    (``mambazoo.analysis.benchmark.TrainingStep``, ``mambazoo benchmark --train``'s step) take turns, one each, so
+    that the ratio compares the same moments of a machine whose speed drifts; then a step each under
+    ``PeakMemory`` and ``saved_activation_bytes``. A peer of two pairs is measured with each."""
     import gc
-    from mambazoo.analysis.benchmark import measure_training_step, saved_activation_bytes
-    results: Dict[int, Dict[str, Tuple[float, Optional[float], float]]] = {}
+    from mambazoo.analysis.benchmark import PeakMemory, TrainingStep, saved_activation_bytes
+    results: Dict[int, Dict[Tuple[str, str], Dict[str, Measured]]] = {}
     for batch in batches:
         results[batch] = {}
         for target in targets:
-            for key in (target.ours, target.peer):
-                if key in results[batch]:
-                    continue
-                model = build(ROW_BY_KEY[key])
-                seconds, mb = measure_training_step(model, batch, SIZE, 'cpu', warmup=warmup, iters=repeats)
-                saved = saved_activation_bytes(model, torch.randn(batch, 3, SIZE, SIZE)) / 2 ** 20
-                model.eval()
-                results[batch][key] = seconds, mb, saved
-                del model
+            keys = (target.ours, target.peer)
+            steps = {key: TrainingStep(build(ROW_BY_KEY[key]), batch, SIZE, 'cpu') for key in keys}
+            try:
+                for _ in range(max(warmup, 1)):
+                    for step in steps.values():
+                        step()
+                times: Dict[str, List[float]] = {key: [] for key in keys}
+                for _ in range(repeats):
+                    for key, step in steps.items():
+                        began = time.perf_counter()
+                        step()
+                        times[key].append(time.perf_counter() - began)
+                measured = {}
+                for key, step in steps.items():
+                    with PeakMemory(torch.device('cpu')) as mem:
+                        step()
+                    saved = saved_activation_bytes(step.model, step.x) / 2 ** 20
+                    measured[key] = statistics.median(times[key]), mem.mb, saved
+                    print(f'# trained {ROW_BY_KEY[key].label} at batch {batch} (turns with '
+                          f'{ROW_BY_KEY[keys[1 - keys.index(key)]].label}): {measured[key][0] * 1e3:.0f} ms/step, '
+                          f'peak {mem.mb if mem.mb is None else round(mem.mb, 1)} MB, {saved:.1f} MB kept for the '
+                          f'backward ({time.perf_counter() - start:.0f} s so far)', flush=True)
+                results[batch][keys] = measured
+            finally:
+                for step in steps.values():
+                    step.close()
+                del steps
                 gc.collect()
-                print(f'# trained {ROW_BY_KEY[key].label} at batch {batch}: {seconds * 1e3:.0f} ms/step, peak '
-                      f'{mb if mb is None else round(mb, 1)} MB, {saved:.1f} MB kept for the backward '
-                      f'({time.perf_counter() - start:.0f} s so far)', flush=True)
     return results
+
+
+def first_measured(measured: Dict[Tuple[str, str], Dict[str, Measured]], key: str) -> Measured:
+    """A model's figures from the first pair that measured it (the per-model table lists each model once)."""
+    return next(m[key] for m in measured.values() if key in m)
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -769,10 +797,11 @@ def run_training(args: argparse.Namespace, targets: Sequence[TrainTarget], limit
         return dict(train=[], train_targets=[])
     print(f'# training: forward + cross-entropy + backward + AdamW, float32, {SIZE}x{SIZE}, batch '
           f'{", ".join(map(str, args.train_batches))}; median of {args.train_repeats} steps after '
-          f'{args.train_warmup} untimed (mambazoo.analysis.benchmark.measure_training_step, as `mambazoo benchmark '
-          f'--train`); peak memory: growth of the RSS high-water mark during one more step; kept: the activations '
-          f'autograd keeps for the backward (saved_activation_bytes: distinct storages, parameters not counted; '
-          f'what the peak holds whatever the allocator)', flush=True)
+          f'{args.train_warmup} untimed, the two models of a pair taking turns (mambazoo.analysis.benchmark.'
+          f'TrainingStep, the step `mambazoo benchmark --train` times); peak memory: growth of the RSS high-water '
+          f'mark during one more step; kept: the activations autograd keeps for the backward '
+          f'(saved_activation_bytes: distinct storages, parameters not counted; what the peak holds whatever the '
+          f'allocator)', flush=True)
     measured = measure_training(targets, args.train_batches, args.train_warmup, args.train_repeats, start)
     keys = [row.key for row in ROWS if any(row.key in (t.ours, t.peer) for t in targets)]
     macs = {key: macs_per_image(ROW_BY_KEY[key]) for key in keys}
@@ -784,7 +813,7 @@ def run_training(args: argparse.Namespace, targets: Sequence[TrainTarget], limit
     rows = []
     for batch in args.train_batches:
         for key in keys:
-            seconds, mb, saved = measured[batch][key]
+            seconds, mb, saved = first_measured(measured[batch], key)
             rate = _gmacs(macs[key] and 3 * batch * macs[key], seconds)
             rows.append(dict(key=key, label=ROW_BY_KEY[key].label, batch=batch, step_ms=seconds * 1e3,
                              images_per_s=batch / seconds, peak_mb=mb, saved_mb=saved, gmacs_per_s=rate))
@@ -798,8 +827,8 @@ def run_training(args: argparse.Namespace, targets: Sequence[TrainTarget], limit
     results = []
     for batch in args.train_batches:
         for t in targets:
-            ours_s, ours_mb, ours_kept = measured[batch][t.ours]
-            peer_s, peer_mb, peer_kept = measured[batch][t.peer]
+            ours_s, ours_mb, ours_kept = measured[batch][t.ours, t.peer][t.ours]
+            peer_s, peer_mb, peer_kept = measured[batch][t.ours, t.peer][t.peer]
             time_ratio, kept_ratio = ours_s / peer_s, ours_kept / peer_kept
             memory_ratio = ours_mb / peer_mb if ours_mb is not None and peer_mb else None
             time_met = None if t.time_limit is None else time_ratio <= t.time_limit

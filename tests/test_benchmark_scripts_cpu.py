@@ -55,7 +55,7 @@ def test_cpu_latency_training_rows(tmp_path):
                 '--json', report])
     for title in ('| model | batch | step ms |', '| training target | batch |'):
         assert title in out, f'{title!r} missing from the output'
-    assert '| model | batch 1 ms' not in out and 'measure_training_step' in out
+    assert '| model | batch 1 ms' not in out and 'TrainingStep' in out and '(turns with convnext_tiny (timm))' in out
     data = json.loads(report.read_text())
     _check_limits(out, data['machine_limits'])
     assert [(r['key'], r['batch']) for r in data['train']] == [('timm:convnext_tiny', 2), ('mambavision_tiny', 2)]

@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from ..models import create_any_model
 from ..runtime import optimize_for_cpu
 
-__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'measure_training_step', 'run_benchmark',
-           'format_benchmark_table', 'benchmark_report', 'PeakMemory', 'saved_activation_bytes']
+__all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'TrainingStep', 'measure_training_step',
+           'run_benchmark', 'format_benchmark_table', 'benchmark_report', 'PeakMemory', 'saved_activation_bytes']
 
 DEFAULT_SWEEP = (224, 512, 640, 768, 1024, 1248)
 
@@ -193,6 +193,47 @@ def benchmark_model(
     return out
 
 
+class TrainingStep:
+    """The training step of ``mambazoo benchmark --train``, ready to run: one forward on a fixed random batch,
+    cross-entropy on random labels, backward and an AdamW step (grads set to None first), torch's fused AdamW on the
+    CPU and CUDA as the trainer's default (``optim.fused``), so a step here is a step of ``mambazoo train``. Call it
+    to run a step (the first creates AdamW's state); ``close()`` drops the optimizer and leaves the model in eval
+    mode. ``measure_training_step`` times one model's; ``benchmarks/cpu_latency.py`` lets two take turns."""
+
+    def __init__(self, model: nn.Module, batch_size: int = 32, img_size: int = 224, device: Any = 'cpu',
+                 amp: bool = False, amp_dtype: Optional[str] = None, in_chans: Optional[int] = None):
+        self.device = device = torch.device(device)
+        self.model = model.to(device)
+        if in_chans is None:
+            in_chans = getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0]
+        self._autocast = (lambda: torch.autocast(device.type, dtype=_amp_dtype(device, amp_dtype))) if amp \
+            else contextlib.nullcontext
+        self.x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+        self.target = torch.randint(0, 2, (batch_size,), device=device)
+        model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ('cpu', 'cuda'))
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=amp and _amp_dtype(device, amp_dtype) == torch.float16)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = self.model(self.x)
+        if logits.ndim == 2 and logits.shape[1] > 1:
+            loss = nn.functional.cross_entropy(logits.float(), self.target)
+        else:
+            loss = logits.float().mean()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def close(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer = None
+        self.model.eval()
+
+
 def measure_training_step(
         model: nn.Module,
         batch_size: int = 32,
@@ -204,46 +245,17 @@ def measure_training_step(
         iters: int = 5,
         in_chans: Optional[int] = None,
 ) -> Tuple[float, Optional[float]]:
-    """The training step of ``mambazoo benchmark --train`` (``benchmark_model``'s training fields come from here;
-    ``benchmarks/cpu_latency.py``'s training rows call it too): one forward on a fixed random batch,
-    cross-entropy on random labels, backward and an AdamW step (grads set to None first), torch's fused AdamW on the
-    CPU and CUDA as the trainer's default (``optim.fused``), so a step here is a step of ``mambazoo train``.
-
-    Returns the median seconds of ``iters`` steps after ``max(warmup, 1)`` untimed ones (the first step creates
-    AdamW's state), and the peak memory growth (MiB, ``PeakMemory``) of one more step, above the weights and the
-    optimizer state. The model is left in eval mode, the optimizer dropped.
+    """The median seconds of ``iters`` ``TrainingStep`` calls after ``max(warmup, 1)`` untimed ones, and the peak
+    memory growth (MiB, ``PeakMemory``) of one more step, above the weights and the optimizer state
+    (``benchmark_model``'s training fields come from here). The model is left in eval mode, the optimizer dropped.
     """
-    device = torch.device(device)
-    model.to(device)
-    if in_chans is None:
-        in_chans = getattr(model, 'pretrained_cfg', {}).get('input_size', (3,))[0]
-    autocast = (lambda: torch.autocast(device.type, dtype=_amp_dtype(device, amp_dtype))) if amp \
-        else contextlib.nullcontext
-    x = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
-    target = torch.randint(0, 2, (batch_size,), device=device)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ('cpu', 'cuda'))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and _amp_dtype(device, amp_dtype) == torch.float16)
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            logits = model(x)
-        if logits.ndim == 2 and logits.shape[1] > 1:
-            loss = nn.functional.cross_entropy(logits.float(), target)
-        else:
-            loss = logits.float().mean()
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    step = TrainingStep(model, batch_size, img_size, device, amp, amp_dtype, in_chans)
     try:
-        seconds = _median_seconds(step, max(warmup, 1), iters, device)
-        with PeakMemory(device) as mem:
+        seconds = _median_seconds(step, max(warmup, 1), iters, step.device)
+        with PeakMemory(step.device) as mem:
             step()
     finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer
-        model.eval()
+        step.close()
     return seconds, mem.mb
 
 
