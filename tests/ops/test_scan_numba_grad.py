@@ -301,6 +301,22 @@ def test_fused_inner_training_matches_reference(index, threads, kernel_runs):
         assert_rel_close(grads[name], g, GRAD_RTOL, f'grad {name}')
 
 
+def test_fused_inner_with_frozen_weights_gives_the_input_its_gradient(kernel_runs):
+    """Only xz requires a gradient (a frozen block inside a trained network): the op still trains by the compiled
+    kernels, xz's gradient is the reference's and no weight gets one."""
+    a = make_inner_inputs(2, 40, 32, 8, 2, 2, True, dtype=torch.float32, seed=31)
+    xz = a['xz'].clone().requires_grad_()
+    args = {k: v for k, v in a.items() if k != 'xz'}
+    mamba_inner.mamba_inner_fused(xz, **args, divide=True).sum().backward()
+    assert 'mixer_backward' in kernel_runs
+    xz_ref = a['xz'].double().requires_grad_()
+    args_64 = {k: ([t.double() for t in v] if isinstance(v, list) else v if k == 'dt_rank' else v.double())
+               for k, v in args.items()}
+    mamba_inner.mamba_inner_fused_ref(xz_ref, **args_64, divide=True).sum().backward()
+    assert_rel_close(xz.grad, xz_ref.grad, GRAD_RTOL, 'grad xz')
+    assert all(t.grad is None for t in (a['conv_weight'], *a['x_weights'], *a['dt_weights'], a['A']))
+
+
 @pytest.mark.parametrize('branches,divide,bias', [(1, False, True), (2, True, False)])
 def test_fused_inner_gradcheck_float64(branches, divide, bias, monkeypatch):
     """gradcheck of ``MixerInnerCompiledFn`` on the kernels' float64 twins, chunks of 4 steps over L = 9."""
