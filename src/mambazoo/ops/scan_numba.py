@@ -17,12 +17,13 @@ The Mamba mixer (``models/_blocks.Mamba``) has two kernels of its own for float3
 SiLU and its gated scan, batch-major as in_proj writes them, Vim's backward branch read in place (an anti-causal
 conv, a scan from the last step) and summed with the forward one in the same pass.
 
-Calls of some size split their channels (the cross scan: its batch elements, or its four directions for a
-single image) between PyTorch's own OpenMP threads (see "threads" below), so the kernels use the cores PyTorch
-was told to use and no second thread pool competes with PyTorch's. Float32 only; the callers (``scan_chunked``,
-``cross_scan``, ``models/_blocks``) keep the pure-PyTorch path for float64 and for layouts these kernels do not
-take (fixed B/C, different group counts for B and C). Training runs the scan and mixer kernels too, keeping the
-state every few steps for the compiled backward of ``scan_numba_grad``.
+Calls of some size split their channels (the cross scan and the narrow scans of a batch: its batch elements;
+the cross scan of a single image: its four directions) between PyTorch's own OpenMP threads (see "threads"
+below), so the kernels use the cores PyTorch was told to use and no second thread pool competes with PyTorch's.
+Float32 only; the callers (``scan_chunked``, ``cross_scan``, ``models/_blocks``) keep the pure-PyTorch path for
+float64 and for layouts these kernels do not take (fixed B/C, different group counts for B and C). Training runs
+the scan and mixer kernels too, keeping the state every few steps for the compiled backward of
+``scan_numba_grad``.
 """
 import ctypes
 import functools
@@ -522,8 +523,8 @@ def run_mixer_scan(u: Tensor, deltas: Sequence[Tensor], projections: Sequence[Te
 
 # -- threads ------------------------------------------------------------------------------------------------
 #
-# The channels of a call are split between PyTorch's threads by running the kernel inside an OpenMP parallel
-# region of PyTorch's own libgomp (GOMP_parallel through ctypes, which releases the GIL; the task is a numba
+# A call's channels (or batch elements) are split between PyTorch's threads by running the kernel inside an OpenMP
+# parallel region of PyTorch's own libgomp (GOMP_parallel through ctypes, which releases the GIL; the task is a numba
 # cfunc). Why not a Python thread pool: after each PyTorch op, libgomp's idle workers keep spinning for a few
 # milliseconds (its default wait policy), on the very cores a pool's threads need; measured on 2 cores, a pool
 # thread made every call below ~10M state updates slower. PyTorch's workers instead pick the task up at once:
