@@ -6,6 +6,7 @@ through the public ops, and checks that the compiled training kernels ran (``ker
 pure-PyTorch path would otherwise pass unnoticed. The kernels are dtype-generic, so gradcheck runs their float64
 specialisation (one thread, called directly) through the same autograd Functions.
 """
+import collections
 import copy
 import functools
 
@@ -14,6 +15,7 @@ import torch
 
 import mambazoo
 from helpers import TINY_MAMBAVISION, assert_close_by_name, images, output_and_grads, perturb, rel_err, spy
+from mambazoo.analysis.benchmark import saved_storages
 from mambazoo.models.hybrid import MambaHybrid
 from mambazoo.models.vim import VisionMamba
 from mambazoo.ops import mamba_inner, scan_numba, scan_numba_grad, scan_policy, selective_scan, selective_scan_ref
@@ -342,18 +344,6 @@ def vim_mixer(seed=0):
                                if_cls_token=True, if_divide_out=True, use_middle_cls_token=True)).layers[0].mixer
 
 
-def saved_storages(module, x):
-    """{storage bytes: how many} of the distinct storages autograd keeps for ``module(x)``'s backward."""
-    sizes = {}
-
-    def pack(t):
-        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(x)
-    return {n: list(sizes.values()).count(n) for n in set(sizes.values())}
-
-
 def test_vim_mixer_trains_by_the_fused_op_and_keeps_less(kernel_runs):
     """A plain Vim mixer in training takes ``mamba_inner_fused``: the same output and gradients as its module
     calls (a hook on x_proj makes the block call them), with neither the conv's output (batch, L, 2 d) nor the two
@@ -370,9 +360,9 @@ def test_vim_mixer_trains_by_the_fused_op_and_keeps_less(kernel_runs):
     assert_close_by_name(fused_grads, grads)
 
     d, tokens = mixer.d_inner, 2 * 19
-    by_calls = saved_storages(mixer, x)
+    by_calls = collections.Counter(saved_storages(mixer, x).values())  # {storage bytes: how many}
     handle.remove()
-    fused = saved_storages(mixer, x)
+    fused = collections.Counter(saved_storages(mixer, x).values())
     xz_bytes, delta_bytes = tokens * 2 * d * 4, tokens * d * 4
     # xz (and u with the calls); out_proj's input (and the two step sizes with the calls)
     assert (by_calls[xz_bytes], by_calls[delta_bytes]) == (2, 3)

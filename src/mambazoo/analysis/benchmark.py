@@ -36,7 +36,8 @@ from ..models import create_any_model
 from ..runtime import optimize_for_cpu
 
 __all__ = ['BenchmarkResult', 'DEFAULT_SWEEP', 'benchmark_model', 'TrainingStep', 'measure_training_step',
-           'run_benchmark', 'format_benchmark_table', 'benchmark_report', 'PeakMemory', 'saved_activation_bytes']
+           'run_benchmark', 'format_benchmark_table', 'benchmark_report', 'PeakMemory', 'saved_storages',
+           'saved_activation_bytes']
 
 DEFAULT_SWEEP = (224, 512, 640, 768, 1024, 1248)
 
@@ -259,11 +260,9 @@ def measure_training_step(
     return seconds, mem.mb
 
 
-def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
-    """Bytes of the distinct storages that autograd keeps for the backward of ``model(x)`` in training mode, the
-    model's own parameters and buffers not counted: the activation memory of a training step, whatever the memory
-    allocator makes of it (glibc's heap can hold a third more than this at its peak, in freed holes between live
-    blocks). The model is left in the mode it was in."""
+def saved_storages(model: nn.Module, x: Tensor) -> Dict[int, int]:
+    """{storage address: bytes} of the distinct storages that autograd keeps for the backward of ``model(x)`` in
+    training mode, the model's own parameters and buffers not counted. The model is left in the mode it was in."""
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     kept: Dict[int, int] = {}
 
@@ -279,7 +278,13 @@ def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
             model(x)
     finally:
         model.train(was_training)
-    return sum(kept.values())
+    return kept
+
+
+def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of ``saved_storages``: the activation memory of a training step, whatever the memory allocator makes of
+    it (glibc's heap can hold a third more than this at its peak, in freed holes between live blocks)."""
+    return sum(saved_storages(model, x).values())
 
 
 def _error_text(e: BaseException) -> str:

@@ -654,7 +654,7 @@ if numba is not None:
     @compiled_task
     def _scan_task(data):
         u = _f3(data, 5)
-        if data[4] & 2:  # split by batch elements (SCAN_BY_BATCH)
+        if data[4] & SCAN_BY_BATCH:
             (i0, i1), (c0, c1) = _task_range(data, 1), (0, u.shape[2])
         else:
             (c0, c1), (i0, i1) = _task_range(data, 16), (0, u.shape[1])
